@@ -1,0 +1,156 @@
+"""Checkpoint folders in the released LLaDA-V layout: config.json, safetensors (one file or shards
+with an index) and tokenizer files. Loading is strict: every tensor is mapped to a parameter or
+explicitly dropped, every parameter is filled, every shape matches."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import CheckpointError, LladaVConfig
+from .model import LladaV
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+_VISION = "model.vision_tower.vision_tower.vision_model."
+
+# (checkpoint prefix, module prefix); first match wins.
+KEY_MAP = (
+    ("model.embed_tokens.", "denoiser.embed_tokens."),
+    ("model.layers.", "denoiser.layers."),
+    ("model.norm.", "denoiser.norm."),
+    ("lm_head.", "denoiser.lm_head."),
+    ("model.mm_projector.0.", "projector.linear_1."),
+    ("model.mm_projector.2.", "projector.linear_2."),
+    (_VISION, "vision_tower."),
+    ("model.image_newline", "image_newline"),
+)
+# Tensors the released checkpoint carries that LLaDA-V never runs.
+DROPPED = (_VISION + "post_layernorm.", _VISION + "head.")
+
+
+def to_module_key(key: str, cfg: LladaVConfig) -> str | None:
+    """Checkpoint tensor name -> parameter name, None when dropped. Raises KeyError when unknown."""
+    if key.startswith(DROPPED):
+        return None
+    layer = re.match(re.escape(_VISION) + r"encoder\.layers\.(\d+)\.", key)
+    if layer and cfg.vision is not None and int(layer.group(1)) >= cfg.vision.num_hidden_layers:
+        return None  # the SigLIP layer LLaDA-V drops, if the checkpoint kept it
+    for ckpt_prefix, module_prefix in KEY_MAP:
+        if key.startswith(ckpt_prefix):
+            return module_prefix + key[len(ckpt_prefix):]
+    raise KeyError(key)
+
+
+def to_checkpoint_key(name: str) -> str:
+    for ckpt_prefix, module_prefix in KEY_MAP:
+        if name.startswith(module_prefix):
+            return ckpt_prefix + name[len(module_prefix):]
+    raise KeyError(name)
+
+
+def checkpoint_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it (from the index when the checkpoint is sharded)."""
+    if (folder / INDEX_FILE).is_file():
+        try:
+            weight_map = json.loads((folder / INDEX_FILE).read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise CheckpointError(f"{folder / INDEX_FILE} is malformed ({err!r})") from err
+        missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
+        if missing:
+            raise CheckpointError(f"{folder} lacks shards listed in its index: {missing}")
+        return {name: folder / f for name, f in weight_map.items()}
+    if (folder / SINGLE_FILE).is_file():
+        try:
+            with safe_open(folder / SINGLE_FILE, "pt") as f:
+                return {name: folder / SINGLE_FILE for name in f.keys()}
+        except (OSError, SafetensorError) as err:
+            raise CheckpointError(f"cannot read {folder / SINGLE_FILE}: {err}") from err
+    raise CheckpointError(f"{folder} has no {SINGLE_FILE} or {INDEX_FILE}: not a checkpoint folder")
+
+
+def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LladaV:
+    """Build LladaV from a checkpoint folder (LLaDA-V, or a plain LLaDA language model)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder {folder} does not exist")
+    cfg = LladaVConfig.from_file(folder / "config.json")
+    with torch.device("meta"):
+        model = LladaV(cfg)
+    expected = {name: p.shape for name, p in model.named_parameters()}
+
+    state, unexpected = {}, []
+    by_file: dict[Path, list[str]] = {}
+    for key, path in checkpoint_files(folder).items():
+        by_file.setdefault(path, []).append(key)
+    for path, keys in by_file.items():
+        try:
+            with safe_open(path, "pt", device="cpu") as f:
+                for key in keys:
+                    try:
+                        name = to_module_key(key, cfg)
+                    except KeyError:
+                        unexpected.append(key)
+                        continue
+                    if name is None:
+                        continue
+                    tensor = f.get_tensor(key)
+                    if name in expected and tuple(tensor.shape) != tuple(expected[name]):
+                        raise CheckpointError(f"{key} in {path.name} has shape {tuple(tensor.shape)}, "
+                                              f"the config implies {tuple(expected[name])}")
+                    state[name] = tensor.to(device=device, dtype=dtype)
+        except (OSError, SafetensorError) as err:
+            raise CheckpointError(f"cannot read {path}: {err}") from err
+    unexpected += [to_checkpoint_key(n) for n in state if n not in expected]
+    missing = [to_checkpoint_key(n) for n in expected if n not in state]
+    if missing or unexpected:
+        raise CheckpointError(f"{folder} does not match its config.json: missing tensors {missing[:8]}"
+                              f"{' ...' if len(missing) > 8 else ''}, unexpected tensors {unexpected[:8]}"
+                              f"{' ...' if len(unexpected) > 8 else ''}")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def save_model(model: LladaV, folder: str | Path, tokenizer_folder: str | Path | None = None,
+               dtype: torch.dtype | None = None, max_shard_bytes: int | None = None) -> None:
+    """Write a checkpoint folder in the released layout: one safetensors file, or shards and an
+    index when the tensors exceed `max_shard_bytes`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.save(folder / "config.json")
+    tensors = {to_checkpoint_key(name): (p.detach().to(dtype) if dtype else p.detach()).contiguous().cpu()
+               for name, p in model.named_parameters()}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    shard_bytes = 0
+    for key, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        if max_shard_bytes is not None and shards[-1] and shard_bytes + size > max_shard_bytes:
+            shards.append({})
+            shard_bytes = 0
+        shards[-1][key] = tensor
+        shard_bytes += size
+    if len(shards) == 1:
+        save_file(tensors, folder / SINGLE_FILE, metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, start=1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, folder / name, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, name))
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        (folder / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    if tokenizer_folder is not None:
+        copy_tokenizer(tokenizer_folder, folder)
+
+
+def copy_tokenizer(source: str | Path, destination: str | Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (Path(source) / name).is_file():
+            shutil.copy2(Path(source) / name, Path(destination) / name)

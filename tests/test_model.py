@@ -1,0 +1,223 @@
+"""The PyTorch model and its checkpoint I/O: real layout, strict loading, clear errors."""
+
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import llada_v
+from llada_v import CheckpointError, LladaV, LladaVConfig, load_model, save_model
+from llada_v.image_processing import ImageTiles, merge_tile_embeddings, preprocess, select_best_resolution
+from llada_v.weights import to_checkpoint_key
+
+
+def test_real_index_names_are_exactly_the_language_model(reference_dir):
+    cfg = LladaVConfig.from_file(reference_dir / "config.json")
+    assert cfg.vision is None and cfg.language.num_hidden_layers == 32 and cfg.language.vocab_size == 126464
+    with torch.device("meta"):
+        model = LladaV(cfg)
+    params = {to_checkpoint_key(name): p for name, p in model.named_parameters()}
+    index = json.loads((reference_dir / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(params)
+    bf16_bytes = sum(p.numel() * 2 for p in params.values())
+    assert bf16_bytes == index["metadata"]["total_size"]
+
+
+def test_real_multimodal_config_defaults_are_llada_v_sizes():
+    cfg = LladaVConfig()
+    assert (cfg.vision.hidden_size, cfg.vision.num_hidden_layers, cfg.vision.tokens_per_tile) == (1152, 26, 729)
+    assert LladaVConfig.from_dict(cfg.to_dict()) == cfg
+    assert LladaVConfig.from_dict({**cfg.to_dict(), "image_grid_pinpoints": "(1x1),...,(6x6)"}) == cfg
+
+
+@pytest.mark.parametrize("shard_bytes", [None, 2_000_000])
+def test_save_load_roundtrip(tmp_path, shipped_model, shipped_model_dir, shard_bytes):
+    save_model(shipped_model, tmp_path, tokenizer_folder=shipped_model_dir, max_shard_bytes=shard_bytes)
+    assert (tmp_path / "model.safetensors.index.json").is_file() == (shard_bytes is not None)
+    loaded = load_model(tmp_path)
+    for (name, a), (_, b) in zip(shipped_model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert llada_v.load_tokenizer(tmp_path).get_vocab() == llada_v.load_tokenizer(shipped_model_dir).get_vocab()
+
+
+def test_special_tokens_come_from_the_tokenizer(shipped_model_dir):
+    tokenizer = llada_v.load_tokenizer(shipped_model_dir)
+    special = llada_v.SpecialTokens.from_tokenizer(tokenizer)
+    assert tokenizer.convert_ids_to_tokens(special.mask) == "<|mdm_mask|>"
+    assert tokenizer.convert_ids_to_tokens(special.eot) == "<|eot_id|>"
+    ids = llada_v.conversation_ids(tokenizer, [{"role": "user", "content": "<image>\nWhat colour is the circle?"}])
+    assert ids.count(llada_v.IMAGE_TOKEN_INDEX) == 1 and ids[0] == special.bos
+    assert ids[-2:] == tokenizer("<|end_header_id|>\n\n", add_special_tokens=False)["input_ids"][-2:]
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_folder_and_files(tmp_path, shipped_model_dir):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_model(tmp_path)
+    folder = _copy(shipped_model_dir, tmp_path / "ckpt")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        load_model(folder)
+
+
+@pytest.mark.parametrize("config_text, message", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "JSON object"),
+    (json.dumps({"hidden_size": "big"}), "hidden_size should be int"),
+    (json.dumps({"hidden_size": -4}), "must be positive"),
+    (json.dumps({"num_attention_heads": 7, "hidden_size": 64}), "not divisible"),
+])
+def test_malformed_config(tmp_path, config_text, message):
+    (tmp_path / "config.json").write_text(config_text)
+    with pytest.raises(CheckpointError, match=message):
+        load_model(tmp_path)
+
+
+def _rewrite_weights(folder, edit):
+    from safetensors.torch import load_file
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.pop("lm_head.weight"), r"missing tensors \['lm_head.weight'\]"),
+    (lambda t: t.update({"model.extra.weight": torch.zeros(2)}), r"unexpected tensors \['model.extra.weight'\]"),
+    (lambda t: t.update({"model.norm.weight": torch.zeros(3)}), r"model.norm.weight .* has shape \(3,\)"),
+])
+def test_wrong_tensors(tmp_path, shipped_model_dir, edit, message):
+    folder = _copy(shipped_model_dir, tmp_path / "ckpt")
+    _rewrite_weights(folder, edit)
+    with pytest.raises(CheckpointError, match=message):
+        load_model(folder)
+
+
+def test_dropped_tensors_are_accepted(tmp_path, shipped_model_dir):
+    """The released checkpoint keeps SigLIP's post_layernorm; LLaDA-V never runs it."""
+    folder = _copy(shipped_model_dir, tmp_path / "ckpt")
+    prefix = "model.vision_tower.vision_tower.vision_model."
+    _rewrite_weights(folder, lambda t: t.update({prefix + "post_layernorm.weight": torch.ones(4)}))
+    load_model(folder)
+
+
+def test_corrupt_and_missing_shards(tmp_path, shipped_model, shipped_model_dir):
+    folder = _copy(shipped_model_dir, tmp_path / "ckpt")
+    (folder / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_model(folder)
+    sharded = tmp_path / "sharded"
+    save_model(shipped_model, sharded, max_shard_bytes=2_000_000)
+    next(sharded.glob("model-00002-*.safetensors")).unlink()
+    with pytest.raises(CheckpointError, match="lacks shards"):
+        load_model(sharded)
+
+
+def test_cached_pass_equals_full_pass(shipped_model):
+    """Attending to cached K/V of the other positions gives the full forward's logits."""
+    denoiser, length, start = shipped_model.denoiser, 24, 16
+    embeds = torch.randn(2, length, denoiser.config.hidden_size)
+    positions = torch.arange(length).expand(2, -1)
+    mask = torch.ones(2, length, dtype=torch.long)
+    index = torch.arange(start, length).expand(2, -1)
+    full, keys, values = denoiser(embeds, positions, mask, index)
+    # prefix style: the cache holds the positions before `start`
+    prefix, _, _ = denoiser(embeds[:, start:], positions[:, start:], mask[:, start:], index - start,
+                            keys[..., :start, :], values[..., :start, :], mask[:, :start])
+    # dual style: the cache holds every position, the queried ones hidden
+    hidden = mask.clone()
+    hidden[:, start:] = 0
+    dual, _, _ = denoiser(embeds[:, start:], positions[:, start:], mask[:, start:], index - start, keys, values, hidden)
+    torch.testing.assert_close(prefix, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dual, full, atol=1e-5, rtol=1e-5)
+
+
+def test_padding_does_not_change_real_positions(shipped_model):
+    denoiser = shipped_model.denoiser
+    embeds = torch.randn(1, 10, denoiser.config.hidden_size)
+    alone, _, _ = denoiser(embeds, torch.arange(10)[None], torch.ones(1, 10, dtype=torch.long), torch.tensor([[9]]))
+    padded = torch.cat((torch.randn(1, 3, embeds.shape[-1]), embeds), dim=1)
+    positions = torch.tensor([[0, 0, 0, *range(10)]])
+    mask = torch.tensor([[0, 0, 0, *[1] * 10]])
+    batched, _, _ = denoiser(padded, positions, mask, torch.tensor([[12]]))
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_fp16_model_keeps_statistics_in_fp32(shipped_model):
+    """A half-precision copy stays close to fp32: norms, softmax and RoPE run in fp32 inside it."""
+    half = LladaV(shipped_model.config)
+    half.load_state_dict(shipped_model.state_dict())
+    half = half.half()
+    length = 40
+    embeds = torch.randn(1, length, shipped_model.config.language.hidden_size)
+    args = (torch.arange(1000, 1000 + length)[None], torch.ones(1, length, dtype=torch.long), torch.arange(length)[None])
+    ref, _, _ = shipped_model.denoiser(embeds, *args)
+    out, keys, _ = half.denoiser(embeds.half(), *args)
+    assert keys.dtype == torch.float16 and out.dtype == torch.float32
+    assert (out - ref).abs().max() <= 2e-2 * ref.abs().max()
+
+
+def test_best_resolution_and_token_count_of_a_1024x768_image():
+    """DESIGN §2: a 1024x768 image gives about 3.6k image tokens with the real sizes."""
+    cfg = LladaVConfig()
+    assert select_best_resolution((1024, 768), cfg.image_grid_pinpoints) == (1152, 768)
+    tiles = ImageTiles(torch.empty(0), image_size=(1024, 768), grid=(3, 2))
+    merged = merge_tile_embeddings(torch.randn(7, 729, 4), tiles, torch.full((4,), 7.0), cfg)
+    assert 3500 < merged.shape[0] < 3700
+    newline_rows = (merged[729:] == 7.0).all(-1).sum().item()
+    assert newline_rows == 46 and (merged.shape[0] - 729) % newline_rows == 0  # 54 rows shrunk by 1.16
+
+
+def test_preprocess_tiles_and_merge(shipped_model):
+    cfg = shipped_model.config
+    image = np.random.randint(0, 256, (60, 120, 3), dtype=np.uint8)
+    tiles = preprocess(image, cfg)
+    cols, rows = tiles.grid
+    assert tiles.pixel_values.shape == (1 + cols * rows, 3, 64, 64) and (cols, rows) == (2, 1)
+    assert -1.0 <= tiles.pixel_values.min() and tiles.pixel_values.max() <= 1.0
+    newline = torch.arange(cfg.language.hidden_size, dtype=torch.float32)
+    merged = merge_tile_embeddings(torch.randn(3, 64, cfg.language.hidden_size), tiles, newline, cfg)
+    side = cfg.vision.patches_per_side
+    rows_out = (merged[side * side:] == newline).all(-1).sum().item()
+    # the 2x1 grid map (8 x 16) already has the image's 2:1 aspect; a newline ends each of its rows
+    assert rows_out == 8 and merged.shape[0] == side * side + 8 * (16 + 1)
+    wide = merge_tile_embeddings(torch.randn(3, 64, 4), ImageTiles(torch.empty(0), (120, 40), (2, 1)), torch.zeros(4), cfg)
+    assert wide.shape[0] == side * side + 6 * 17  # 120:40 unpads the 8-row map to int(40 * 16 / 120) = 5 -> 8 - 2*1 rows
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("missing.png", "does not exist"),
+    (np.zeros((4, 4), dtype=np.uint8), r"shape \[H, W, 3\]"),
+    (np.zeros((4, 4, 3), dtype=np.float32), "uint8"),
+    (42, "must be a path"),
+])
+def test_unusable_images(tmp_path, bad, message, shipped_model):
+    if isinstance(bad, str):
+        bad = tmp_path / bad
+    with pytest.raises(ValueError, match=message):
+        preprocess(bad, shipped_model.config)
+
+
+def test_corrupt_image_file(tmp_path, shipped_model):
+    path = tmp_path / "broken.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    with pytest.raises(ValueError, match="cannot read image"):
+        preprocess(path, shipped_model.config)
+
+
+def test_text_only_model_refuses_images(reference_dir):
+    cfg = LladaVConfig.from_file(reference_dir / "config.json")
+    tiny_text = dataclasses.replace(cfg, language=dataclasses.replace(cfg.language, hidden_size=32, intermediate_size=64,
+                                                                       num_hidden_layers=1, num_attention_heads=2,
+                                                                       num_key_value_heads=2, vocab_size=50))
+    with pytest.raises(ValueError, match="text-only"):
+        LladaV(tiny_text).encode_tiles(torch.zeros(1, 3, 8, 8))
