@@ -1,9 +1,17 @@
 """Shared fixtures: the shipped model and the real model's reference files."""
 
+import os
 from pathlib import Path
 
-import pytest
 import torch
+
+# Triton decides at `@triton.jit` definition time whether to interpret, so this must precede any
+# import of triton (torch._dynamo and torch.export import it too). Without a GPU the kernel tests
+# run in the interpreter; the runtime still uses the PyTorch references on CPU tensors.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 import llada_v
 
