@@ -1,0 +1,73 @@
+"""`python -m exporter build ...`: the command line of exporter.build.build_engines."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXIT_BUILD_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+EPILOG = """\
+The output folder appears only when every part was exported and validated (and, with
+--backend tensorrt, built); on any failure nothing is written and an existing folder is kept.
+
+exit codes:
+  0  built
+  1  a part failed validation against PyTorch, or TensorRT failed to build it
+  2  bad input: missing or malformed checkpoint, unknown option value, non-empty --out without
+     --force, or --backend tensorrt without an NVIDIA GPU and the tensorrt package
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """One line instead of argparse's usage block; exit code 2 as argparse."""
+        self.exit(EXIT_BAD_INPUT, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m exporter", description="Export LLaDA-V checkpoints to ONNX / TensorRT engines.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    build = commands.add_parser(
+        "build", help="build an engines folder from a checkpoint", epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Export the vision tower, projector and denoiser (full and cached) of a checkpoint to\n"
+                    "ONNX, validate each against the float32 PyTorch model with ONNX Runtime on several\n"
+                    "input shapes, and write a self-contained engines folder (docs/engines.md).")
+    build.add_argument("--precision", choices=("fp32", "fp16"), default="fp16",
+                       help="precision baked into the graphs (default: fp16; norms, softmax and RoPE stay fp32)")
+    build.add_argument("--model", type=Path, metavar="DIR",
+                       help="checkpoint folder: config.json, safetensors, tokenizer (default: the shipped tiny model)")
+    build.add_argument("--out", type=Path, default=Path("engines"), metavar="DIR",
+                       help="output folder (default: ./engines)")
+    build.add_argument("--backend", choices=("onnx", "tensorrt"), default="onnx",
+                       help="onnx: ONNX parts only (default); tensorrt: also a TensorRT engine per part "
+                            "(needs an NVIDIA GPU and `pip install '.[gpu]'`)")
+    build.add_argument("--force", action="store_true", help="replace a non-empty --out once the new build succeeded")
+    build.add_argument("--quiet", action="store_true", help="no progress lines")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from .build import BuildError, EngineBuildError, ValidationError, build_engines  # after parsing: --help stays fast
+
+    try:
+        build_engines(args.model, args.out, args.precision, args.backend, args.force, progress=not args.quiet)
+    except BuildError as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (ValidationError, EngineBuildError) as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_BUILD_FAILED
+    return 0
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).splitlines())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

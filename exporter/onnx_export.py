@@ -1,0 +1,217 @@
+"""Graph wrapper -> ONNX file, with every dynamic axis taken from one spec table (`part_specs`).
+
+The spec table names each part's inputs and outputs with their dtypes and shapes; symbolic
+dimensions are strings (`num_tiles`, `batch`, `sequence`, `positions`, `past_sequence`) whose
+allowed ranges are in `dim_ranges`. The ONNX dynamic axes, the manifest, the validation inputs and
+the TensorRT optimization profiles are all derived from it.
+
+Exporter: the TorchScript-based `torch.onnx.export(..., dynamo=False)`. It is deprecated in favour of
+the torch.export-based exporter but still supported by torch 2.13; on this project's graphs it
+exports in under a second where the dynamo exporter takes 6-10 s per graph (and Optimum's own
+`export_pytorch` also passes `dynamo=False`). Its output is the plain opset-17 op set that ONNX
+Runtime and TensorRT's ONNX parser both take. Norms, softmax statistics and RoPE stay float32 in fp16
+graphs because the modules cast explicitly; the exporter keeps those Casts.
+
+Optimum (`optimum.exporters.onnx`, checked in optimum 2.1 / optimum-onnx 0.1): not used.
+`export`/`export_pytorch` expect a transformers `PreTrainedModel` (it sets `model.config.return_dict`
+and applies `OnnxConfig.values_override` and the model patchers registered per HF model type) and
+build example inputs through `OnnxConfig.generate_dummy_inputs`, whose dummy generators assume
+token ids and per-layer `past_key_values.N.key/value` inputs; our graphs take `inputs_embeds`,
+`logits_index` and past keys/values stacked as [n_layers, B, H, Lc, D], and LLaDA-V is not a
+registered architecture, so an `OnnxConfig` would have to override nearly every method.
+`validate_model_outputs` checks a single input shape with one absolute `atol` via `np.allclose`
+and needs dict outputs from the reference model; we need several shapes per part, a tolerance
+relative to the output scale for fp16, and the errors recorded in the manifest (see validate.py).
+Its way with external data is the one used below: export to a scratch folder, reload, and save
+again with all tensors in one data file per part.
+
+External data: a part whose weights exceed `EXTERNAL_DATA_THRESHOLD` is saved with its tensors in
+`<part>.onnx_data` (protobuf cannot serialise a message over 2 GB). The cached denoiser has the
+same weights as the full one: when the full graph's weights are external, the cached graph's
+identical initializers point at `denoiser_full.onnx_data` (same offsets), so the disk holds them once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+from onnx.external_data_helper import ExternalDataInfo, set_external_data, uses_external_data
+from torch import nn
+
+from llada_v import LladaVConfig
+
+OPSET = 17
+PRECISIONS = {"fp32": "float32", "fp16": "float16"}
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
+EXTERNAL_DATA_THRESHOLD = 2 * 1024**3  # protobuf's limit on a serialised message
+EXTERNAL_TENSOR_MIN_BYTES = 1024  # smaller tensors stay inside the .onnx file (onnx's default threshold)
+MAX_BATCH = 4  # TensorRT profile limit; ONNX Runtime accepts any batch
+# Example sizes for tracing: all different and all > 1, so no two dynamic axes can be confused.
+EXPORT_DIMS = {"num_tiles": 2, "batch": 2, "sequence": 7, "positions": 3, "past_sequence": 11}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy name: float32, float16, int64
+    shape: tuple[int | str, ...]  # strings are symbolic dimensions
+
+    def concrete_shape(self, dims: dict[str, int]) -> tuple[int, ...]:
+        return tuple(dims[d] if isinstance(d, str) else d for d in self.shape)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class DimRange:
+    """Allowed sizes of a symbolic dimension (TensorRT's min / opt / max profile)."""
+
+    min: int
+    opt: int
+    max: int
+
+
+@dataclass(frozen=True)
+class PartSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    @property
+    def dims(self) -> list[str]:
+        """The part's symbolic dimensions, in order of first appearance."""
+        names = [d for t in self.inputs + self.outputs for d in t.shape if isinstance(d, str)]
+        return list(dict.fromkeys(names))
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)}
+                for t in self.inputs + self.outputs}
+
+
+def part_specs(cfg: LladaVConfig, precision: str) -> dict[str, PartSpec]:
+    """The spec table: every part of the engines folder, its inputs and outputs (docs/engines.md)."""
+    dtype = PRECISIONS[precision]
+    lm = cfg.language
+    c, v, n_layers, h, d = lm.hidden_size, lm.vocab_size, lm.num_hidden_layers, lm.num_attention_heads, lm.head_dim
+    specs = {}
+    if cfg.vision is not None:
+        vis = cfg.vision
+        tiles, t, cv = "num_tiles", vis.tokens_per_tile, vis.hidden_size
+        specs["vision"] = PartSpec(
+            "vision",
+            inputs=(TensorSpec("pixel_values", "float32", (tiles, vis.num_channels, vis.image_size, vis.image_size)),),
+            outputs=(TensorSpec("features", dtype, (tiles, t, cv)),))
+        specs["projector"] = PartSpec(
+            "projector",
+            inputs=(TensorSpec("features", dtype, (tiles, t, cv)),),
+            outputs=(TensorSpec("embeddings", dtype, (tiles, t, c)),))
+    b, q, p, lc = "batch", "sequence", "positions", "past_sequence"
+    queries = (TensorSpec("inputs_embeds", dtype, (b, q, c)), TensorSpec("position_ids", "int64", (b, q)),
+               TensorSpec("attention_mask", "int64", (b, q)), TensorSpec("logits_index", "int64", (b, p)))
+    outputs = (TensorSpec("logits", "float32", (b, p, v)),
+               TensorSpec("present_keys", dtype, (n_layers, b, h, q, d)),
+               TensorSpec("present_values", dtype, (n_layers, b, h, q, d)))
+    specs["denoiser_full"] = PartSpec("denoiser_full", inputs=queries, outputs=outputs)
+    past = (TensorSpec("past_keys", dtype, (n_layers, b, h, lc, d)),
+            TensorSpec("past_values", dtype, (n_layers, b, h, lc, d)), TensorSpec("past_mask", "int64", (b, lc)))
+    specs["denoiser_cached"] = PartSpec("denoiser_cached", inputs=queries + past, outputs=outputs)
+    return specs
+
+
+def dim_ranges(cfg: LladaVConfig) -> dict[str, DimRange]:
+    """Sizes each symbolic dimension may take (the TensorRT optimization profile)."""
+    max_len = cfg.language.max_position_embeddings
+    ranges = {"batch": DimRange(1, 1, MAX_BATCH),
+              "sequence": DimRange(1, min(1024, max_len), max_len),
+              "positions": DimRange(1, min(32, max_len), max_len),
+              "past_sequence": DimRange(1, min(1024, max_len), max_len)}
+    if cfg.vision is not None:
+        max_grid = max((w // cfg.vision.image_size) * (h // cfg.vision.image_size) for w, h in cfg.image_grid_pinpoints)
+        # A global view plus the grid tiles.
+        ranges["num_tiles"] = DimRange(1, 1 + cfg.max_tiles_before_shrink, 1 + max_grid)
+    return ranges
+
+
+def export_part(graph: nn.Module, spec: PartSpec, out_dir: Path, external_data: bool,
+                share_weights_with: Path | None = None) -> list[str]:
+    """Write `<spec.name>.onnx` (and its external data) into out_dir; returns the files the part needs.
+
+    share_weights_with: an ONNX file already in out_dir whose external data the new file reuses for
+    identical initializers (only used with external_data).
+    """
+    scratch = out_dir / f".{spec.name}.export"
+    scratch.mkdir()
+    try:
+        # Above 2 GB the exporter itself writes one external file per tensor beside its output.
+        _trace_to_onnx(graph, spec, scratch / "model.onnx")
+        proto = onnx.load(scratch / "model.onnx")
+    finally:
+        shutil.rmtree(scratch)
+    if external_data:
+        if share_weights_with is not None:
+            _point_at_existing_data(proto, share_weights_with)
+        for tensor in _tensors(proto):
+            if tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_TENSOR_MIN_BYTES:
+                set_external_data(tensor, f"{spec.name}.onnx_data")
+    path = out_dir / f"{spec.name}.onnx"
+    onnx.save_model(proto, path)  # writes the tensors marked external to their files
+    return [path.name, *external_files(path)]
+
+
+def external_files(onnx_path: Path) -> list[str]:
+    """Names of the external data files an ONNX file refers to."""
+    proto = onnx.load(onnx_path, load_external_data=False)
+    return sorted({ExternalDataInfo(t).location for t in _tensors(proto) if uses_external_data(t)})
+
+
+def _tensors(proto: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """Initializers and Constant-node tensors (the graphs here have no subgraphs)."""
+    constants = [a.t for node in proto.graph.node if node.op_type == "Constant" for a in node.attribute if a.HasField("t")]
+    return [*proto.graph.initializer, *constants]
+
+
+def _trace_to_onnx(graph: nn.Module, spec: PartSpec, path: Path) -> None:
+    example = tuple(torch.zeros(t.concrete_shape(EXPORT_DIMS), dtype=TORCH_DTYPES[t.dtype]) for t in spec.inputs)
+    with torch.no_grad(), warnings.catch_warnings():
+        # The legacy exporter's notices about its own deprecation (the choice is explained above).
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(graph, example, str(path), input_names=spec.input_names, output_names=spec.output_names,
+                          dynamic_axes=spec.dynamic_axes(), opset_version=OPSET, do_constant_folding=True,
+                          dynamo=False)
+
+
+def _point_at_existing_data(proto: onnx.ModelProto, owner: Path) -> None:
+    """Make initializers of `proto` that equal an external initializer of `owner` refer to its data."""
+    owner_proto = onnx.load(owner, load_external_data=False)
+    by_content = {}
+    for tensor in _tensors(owner_proto):
+        if uses_external_data(tensor):
+            info = ExternalDataInfo(tensor)
+            with open(owner.parent / info.location, "rb") as f:
+                f.seek(info.offset or 0)
+                data = f.read(info.length)
+            by_content[_content_key(tensor, data)] = info
+    for tensor in _tensors(proto):
+        info = by_content.get(_content_key(tensor, tensor.raw_data)) if tensor.HasField("raw_data") else None
+        if info is not None:
+            set_external_data(tensor, info.location, info.offset, info.length)
+            tensor.ClearField("raw_data")  # already on disk: onnx.save_model writes only tensors with raw_data
+
+
+def _content_key(tensor: onnx.TensorProto, data: bytes) -> tuple:
+    return tensor.data_type, tuple(tensor.dims), hashlib.sha256(data).hexdigest()

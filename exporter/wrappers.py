@@ -1,0 +1,85 @@
+"""One thin nn.Module per exported graph: flat tensors in, a flat tuple of tensors out.
+
+The wrappers add no computation; they pin the argument order and the outputs of each graph so that
+`torch.onnx.export` sees exactly the signature of the engines-folder contract (docs/engines.md).
+Shapes use the symbols of the spec table in `onnx_export.part_specs`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llada_v import LladaV
+
+
+class VisionGraph(nn.Module):
+    """pixel_values float32 [num_tiles, 3, S, S] -> features dtype [num_tiles, T, Cv].
+
+    The input stays float32 whatever the precision: the tower casts it to its weights' dtype.
+    """
+
+    def __init__(self, model: LladaV):
+        super().__init__()
+        self.vision_tower = model.vision_tower
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.vision_tower(pixel_values)
+
+
+class ProjectorGraph(nn.Module):
+    """features dtype [num_tiles, T, Cv] -> embeddings dtype [num_tiles, T, C]."""
+
+    def __init__(self, model: LladaV):
+        super().__init__()
+        self.projector = model.projector
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.projector(features)
+
+
+class DenoiserFullGraph(nn.Module):
+    """The uncached pass over the whole sequence.
+
+    inputs_embeds dtype [batch, sequence, C], position_ids / attention_mask int64 [batch, sequence],
+    logits_index int64 [batch, positions]
+    -> logits float32 [batch, positions, V], present_keys / present_values dtype [n_layers, batch, H, sequence, D].
+    """
+
+    def __init__(self, model: LladaV):
+        super().__init__()
+        self.denoiser = model.denoiser
+
+    def forward(self, inputs_embeds, position_ids, attention_mask, logits_index):
+        return self.denoiser(inputs_embeds, position_ids, attention_mask, logits_index)
+
+
+class DenoiserCachedGraph(nn.Module):
+    """The cached pass: the queries attend to the cache (where past_mask is 1) and to themselves.
+
+    inputs_embeds dtype [batch, sequence, C], position_ids / attention_mask int64 [batch, sequence],
+    logits_index int64 [batch, positions], past_keys / past_values dtype [n_layers, batch, H, past_sequence, D],
+    past_mask int64 [batch, past_sequence]
+    -> logits float32 [batch, positions, V], present_keys / present_values dtype [n_layers, batch, H, sequence, D].
+    """
+
+    def __init__(self, model: LladaV):
+        super().__init__()
+        self.denoiser = model.denoiser
+
+    def forward(self, inputs_embeds, position_ids, attention_mask, logits_index, past_keys, past_values, past_mask):
+        return self.denoiser(inputs_embeds, position_ids, attention_mask, logits_index,
+                             past_keys=past_keys, past_values=past_values, past_mask=past_mask)
+
+
+GRAPHS: dict[str, type[nn.Module]] = {
+    "vision": VisionGraph,
+    "projector": ProjectorGraph,
+    "denoiser_full": DenoiserFullGraph,
+    "denoiser_cached": DenoiserCachedGraph,
+}
+
+
+def wrap(part: str, model: LladaV) -> nn.Module:
+    """The graph module of `part` around `model`'s weights (shared, not copied), in eval mode."""
+    return GRAPHS[part](model).eval()

@@ -1,0 +1,254 @@
+"""The exported engines: ONNX Runtime vs PyTorch on fresh shapes, full vs cached denoiser, the manifest."""
+
+import importlib.util
+import json
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, shape_inference
+from safetensors.numpy import load_file
+
+import llada_v
+from exporter import build_engines, load_manifest, trt_build
+from exporter.onnx_export import EXPORT_DIMS, dim_ranges, part_specs
+from exporter.validate import REL_TOL, open_session, sample_inputs
+from exporter.wrappers import wrap
+
+PARTS = ["vision", "projector", "denoiser_full", "denoiser_cached"]
+# Sizes unlike both the export shape (onnx_export.EXPORT_DIMS) and the build's validation shapes.
+FRESH_DIMS = {
+    "vision": [{"num_tiles": 4}],
+    "projector": [{"num_tiles": 5}],
+    "denoiser_full": [{"batch": 3, "sequence": 11, "positions": 4}, {"batch": 1, "sequence": 2, "positions": 2}],
+    "denoiser_cached": [{"batch": 3, "sequence": 6, "positions": 2, "past_sequence": 13},
+                        {"batch": 1, "sequence": 3, "positions": 1, "past_sequence": 1}],
+}
+
+
+@pytest.fixture(scope="session")
+def reference(shipped_model):
+    """The float32 PyTorch model the engines are compared with (tests/conftest.py)."""
+    return shipped_model
+
+
+@pytest.fixture(scope="session")
+def engines(tmp_path_factory):
+    """Both precisions built once. The fp16 build forces external data for every part, so it also
+    covers `<part>.onnx_data` and the cached denoiser reusing the full denoiser's data file."""
+    root = tmp_path_factory.mktemp("engines")
+    return {"fp32": build_engines(None, root / "fp32", "fp32", progress=False),
+            "fp16": build_engines(None, root / "fp16", "fp16", progress=False, external_data_threshold=0)}
+
+
+def _compare(got: np.ndarray, want: torch.Tensor, precision: str, what: str) -> None:
+    want = want.numpy()
+    assert got.shape == want.shape, what
+    scale = np.abs(want).max()
+    err = np.abs(got.astype(np.float32) - want).max()
+    assert err <= REL_TOL[precision] * scale, f"{what}: max error {err:.3g}, scale {scale:.3g}"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("part", PARTS)
+def test_onnx_runtime_matches_pytorch_on_fresh_shapes(engines, reference, precision, part):
+    spec = part_specs(reference.config, precision)[part]
+    session = open_session(engines[precision] / f"{part}.onnx")
+    assert session.get_providers() == ["CPUExecutionProvider"]
+    rng = np.random.default_rng(1234)
+    for dims in FRESH_DIMS[part]:
+        assert dims != {d: EXPORT_DIMS[d] for d in dims}
+        inputs = sample_inputs(spec, dims, reference, rng)
+        got = session.run(spec.output_names, inputs)
+        with torch.no_grad():
+            want = wrap(part, reference)(*(_reference_input(inputs[name]) for name in spec.input_names))
+        for name, g, w in zip(spec.output_names, got, want if isinstance(want, tuple) else (want,)):
+            _compare(g, w, precision, f"{part}.{name} at {dims}")
+
+
+def _reference_input(array: np.ndarray) -> torch.Tensor:
+    tensor = torch.from_numpy(array)
+    return tensor.float() if tensor.is_floating_point() else tensor
+
+
+def _full_pass_inputs(reference, precision, batch=2, length=12):
+    """Left-padded sequences of real token embeddings, logits asked at every position."""
+    dtype = np.float16 if precision == "fp16" else np.float32
+    embed = reference.denoiser.embed_tokens.weight.detach().numpy()
+    rng = np.random.default_rng(7)
+    mask = np.ones((batch, length), dtype=np.int64)
+    mask[1, :3] = 0
+    return {"inputs_embeds": embed[rng.integers(0, len(embed), (batch, length))].astype(dtype),
+            "position_ids": np.maximum(np.cumsum(mask, axis=1) - 1, 0),
+            "attention_mask": mask,
+            "logits_index": np.tile(np.arange(length), (batch, 1))}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_cached_denoiser_reproduces_the_full_pass_from_its_own_cache(engines, reference, precision):
+    full = open_session(engines[precision] / "denoiser_full.onnx")
+    cached = open_session(engines[precision] / "denoiser_cached.onnx")
+    x = _full_pass_inputs(reference, precision)
+    logits, keys, values = full.run(None, x)
+    length = x["attention_mask"].shape[1]
+    tol = REL_TOL[precision] * np.abs(logits).max()
+
+    def queries(start, stop):
+        q = {name: x[name][:, start:stop] for name in ("inputs_embeds", "position_ids", "attention_mask")}
+        return {**q, "logits_index": np.tile(np.arange(stop - start), (len(logits), 1))}
+
+    # prefix cache: the last 5 positions attend to the first length-5 positions' cached K/V
+    prefix = length - 5
+    got, new_keys, _ = cached.run(None, {**queries(prefix, length), "past_keys": keys[..., :prefix, :],
+                                         "past_values": values[..., :prefix, :],
+                                         "past_mask": x["attention_mask"][:, :prefix]})
+    assert np.abs(got - logits[:, prefix:]).max() <= tol
+    assert np.abs(new_keys.astype(np.float32) - keys[..., prefix:, :].astype(np.float32)).max() <= (
+        REL_TOL[precision] * np.abs(keys.astype(np.float32)).max())
+
+    # dual cache: a middle block against the whole cache, its own slots hidden
+    start, stop = 4, 8
+    past_mask = x["attention_mask"].copy()
+    past_mask[:, start:stop] = 0
+    got, _, _ = cached.run(None, {**queries(start, stop), "past_keys": keys, "past_values": values,
+                                  "past_mask": past_mask})
+    assert np.abs(got - logits[:, start:stop]).max() <= tol
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_manifest_describes_the_folder(engines, reference, precision):
+    folder = engines[precision]
+    manifest = load_manifest(folder)
+    cfg = reference.config
+    assert manifest["format_version"] == 1 and manifest["precision"] == precision
+    assert manifest["max_sequence_length"] == cfg.language.max_position_embeddings
+    assert manifest["source"]["checkpoint"] == str(llada_v.SHIPPED_MODEL_DIR)
+    assert len(manifest["source"]["sha256"]) == 64
+    assert list(manifest["parts"]) == PARTS
+    for name, part in manifest["parts"].items():
+        assert all((folder / f).is_file() for f in part["files"])
+        session = open_session(folder / part["onnx"])
+        for entries, actual in ((part["inputs"], session.get_inputs()), (part["outputs"], session.get_outputs())):
+            assert [(e["name"], e["shape"]) for e in entries] == [(a.name, a.shape) for a in actual]
+        assert set(part["dims"]) == {d for e in part["inputs"] for d in e["shape"] if isinstance(d, str)}
+        check = manifest["validation"][name]
+        assert check["passed"] is True and check["max_abs_err"] <= check["atol"]
+        assert len(check["shapes_checked"]) >= 2
+    dtype = "float16" if precision == "fp16" else "float32"
+    io = {e["name"]: e["dtype"] for p in manifest["parts"].values() for e in p["inputs"] + p["outputs"]}
+    assert io["pixel_values"] == "float32" and io["logits"] == "float32"
+    assert io["inputs_embeds"] == io["present_keys"] == io["features"] == dtype
+
+    embeddings = load_file(folder / manifest["embeddings"])
+    assert embeddings["embed_tokens"].shape == (cfg.language.vocab_size, cfg.language.hidden_size)
+    assert embeddings["image_newline"].shape == (cfg.language.hidden_size,)
+    assert embeddings["embed_tokens"].dtype == embeddings["image_newline"].dtype == np.dtype(dtype)
+    assert llada_v.LladaVConfig.from_file(folder / "config.json") == cfg
+    assert llada_v.load_tokenizer(folder).get_vocab() == llada_v.load_tokenizer(llada_v.SHIPPED_MODEL_DIR).get_vocab()
+
+
+def test_fp16_graphs_keep_norms_softmax_and_rope_in_float32(engines):
+    folder = engines["fp16"]
+    for part, fp32_ops in (("denoiser_full", {"ReduceMean", "Softmax", "Cos", "Sin"}),
+                           ("vision", {"LayerNormalization", "Softmax"})):
+        model = shape_inference.infer_shapes(onnx.load(folder / f"{part}.onnx"))
+        types = {v.name: v.type.tensor_type.elem_type
+                 for v in [*model.graph.value_info, *model.graph.input, *model.graph.output]}
+        types.update({t.name: t.data_type for t in model.graph.initializer})
+        input_types = {}
+        for node in model.graph.node:
+            input_types.setdefault(node.op_type, set()).add(types.get(node.input[0]) if node.input else None)
+        for op in fp32_ops:
+            assert input_types[op] == {TensorProto.FLOAT}, f"{part}: {op} must run in float32"
+        assert input_types["MatMul"] == {TensorProto.FLOAT16}, f"{part}: the matmuls are fp16"
+
+
+def test_cached_denoiser_shares_the_full_denoisers_weight_file(engines):
+    folder = engines["fp16"]
+    parts = load_manifest(folder)["parts"]
+    assert parts["denoiser_full"]["files"] == ["denoiser_full.onnx", "denoiser_full.onnx_data"]
+    assert parts["denoiser_cached"]["files"] == ["denoiser_cached.onnx", "denoiser_full.onnx_data"]
+    assert parts["vision"]["files"] == ["vision.onnx", "vision.onnx_data"]
+    assert not (folder / "denoiser_cached.onnx_data").exists()
+    assert (folder / "denoiser_cached.onnx").stat().st_size < (folder / "denoiser_full.onnx_data").stat().st_size / 10
+
+
+def test_fp32_build_keeps_small_parts_in_one_file(engines):
+    assert not list(engines["fp32"].glob("*.onnx_data"))
+    assert json.loads((engines["fp32"] / "manifest.json").read_text())["parts"]["denoiser_cached"]["files"] == [
+        "denoiser_cached.onnx"]
+
+
+def test_text_only_checkpoint_gives_only_the_denoiser_parts(reference, tmp_path):
+    """A plain LLaDA folder (like the real LLaDA-8B reference config) has no vision parts."""
+    model = llada_v.LladaV(llada_v.LladaVConfig(language=reference.config.language, vision=None))
+    model.denoiser.load_state_dict(reference.denoiser.state_dict())
+    llada_v.save_model(model, tmp_path / "llada", tokenizer_folder=llada_v.SHIPPED_MODEL_DIR)
+    out = build_engines(tmp_path / "llada", tmp_path / "engines", "fp32", progress=False)
+    manifest = load_manifest(out)
+    assert list(manifest["parts"]) == list(manifest["validation"]) == ["denoiser_full", "denoiser_cached"]
+    assert all(check["passed"] for check in manifest["validation"].values())
+    assert list(load_file(out / "embeddings.safetensors")) == ["embed_tokens"]
+    assert not list(out.glob("vision*")) and not list(out.glob("projector*"))
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and importlib.util.find_spec("tensorrt")),
+                    reason="building TensorRT engines needs a CUDA GPU and the tensorrt package")
+def test_tensorrt_build_writes_a_plan_per_part(tmp_path):
+    out = build_engines(None, tmp_path / "engines", "fp16", backend="tensorrt", progress=False)
+    parts = load_manifest(out)["parts"]
+    for name, part in parts.items():
+        assert part["plan"] == f"{name}.plan" and (out / part["plan"]).stat().st_size > 0
+
+
+class _FakeTensorRT:
+    """Just enough of the tensorrt module to run trt_build without a GPU; records the profile."""
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level): pass
+
+    NetworkDefinitionCreationFlag = SimpleNamespace(STRONGLY_TYPED=0)
+
+    def __init__(self):
+        self.shapes, self.network_flags = {}, None
+
+    def Builder(self, logger):  # noqa: N802 (tensorrt's name)
+        fake = self
+
+        class Config:
+            def add_optimization_profile(self, profile): pass
+            def create_timing_cache(self, data): return SimpleNamespace(serialize=lambda: data + b"timed")
+            def set_timing_cache(self, cache, ignore_mismatch): self.cache = cache
+            def get_timing_cache(self): return self.cache
+
+        class Builder:
+            def create_network(self, flags): fake.network_flags = flags
+            def create_builder_config(self): return Config()
+            def create_optimization_profile(self):
+                return SimpleNamespace(set_shape=lambda name, *shapes: fake.shapes.__setitem__(name, shapes))
+            def build_serialized_network(self, network, config): return b"plan"
+        return Builder()
+
+    def OnnxParser(self, network, logger):  # noqa: N802
+        return SimpleNamespace(parse_from_file=lambda path: True, num_errors=0)
+
+
+def test_tensorrt_profile_comes_from_the_spec_table(engines, reference, tmp_path, monkeypatch):
+    fake = _FakeTensorRT()
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    spec = part_specs(reference.config, "fp16")["denoiser_cached"]
+    ranges = dim_ranges(reference.config)
+    cache = tmp_path / trt_build.TIMING_CACHE_FILE
+    trt_build.build_engine(engines["fp16"] / "denoiser_cached.onnx", spec, ranges, tmp_path / "d.plan", cache)
+    assert (tmp_path / "d.plan").read_bytes() == b"plan" and cache.read_bytes() == b"timed"
+    assert fake.network_flags == 1  # strongly typed
+    lm, max_len = reference.config.language, reference.config.language.max_position_embeddings
+    assert fake.shapes["past_keys"] == tuple(
+        (lm.num_hidden_layers, r["batch"], lm.num_attention_heads, r["past_sequence"], lm.head_dim)
+        for r in ({d: getattr(ranges[d], level) for d in ranges} for level in ("min", "opt", "max")))
+    assert fake.shapes["logits_index"][2] == (ranges["batch"].max, max_len)
