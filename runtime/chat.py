@@ -1,0 +1,56 @@
+"""Multi-turn chat: earlier questions, images and answers stay in the context, as in LLaDA-V."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from llada_v.tokenizer import IMAGE_PLACEHOLDER
+
+from .config import GenerationConfig
+from .pipeline import GenerationResult, Pipeline, Stream
+from .prompt import ImageLike, Request
+
+
+class Conversation:
+    """conv = pipe.chat(); conv.send("What is in the image?", image="cat.png"); conv.send("And its colour?")
+
+    Each turn's images go where its text has `<image>`, or before its text when it has none.
+    """
+
+    def __init__(self, pipeline: Pipeline, config: GenerationConfig | None = None, system: str | None = None):
+        self.pipeline = pipeline
+        self.config = config or GenerationConfig()
+        self.system = system
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages: list[dict] = [] if self.system is None else [{"role": "system", "content": self.system}]
+        self.images: list[ImageLike] = []
+
+    def send(self, text: str, image: ImageLike | Sequence[ImageLike] | None = None) -> GenerationResult:
+        """Ask the next question; the answer becomes part of the conversation."""
+        request = self._next_request(text, image)
+        result = self.pipeline.generate(request, config=self.config)
+        self._commit(request, result)
+        return result
+
+    def stream(self, text: str, image: ImageLike | Sequence[ImageLike] | None = None) -> Stream:
+        """Like send, streaming the partial answer; the turn joins the conversation once the stream ends."""
+        request = self._next_request(text, image)
+        decoder = self.pipeline._prepare([request], self.config)
+        return Stream(self.pipeline, decoder, on_done=lambda result: self._commit(request, result))
+
+    def _next_request(self, text: str, image) -> Request:
+        new_images = Request(text, image).images
+        placeholders = text.count(IMAGE_PLACEHOLDER)
+        if placeholders == 0 and new_images:
+            text = f"{IMAGE_PLACEHOLDER}\n" * len(new_images) + text
+        elif placeholders != len(new_images):
+            raise ValueError(f"this turn has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(new_images)} "
+                             f"image(s): put one {IMAGE_PLACEHOLDER} per image, in order (or none at all)")
+        messages = [*self.messages, {"role": "user", "content": text}]
+        return Request(messages, [*self.images, *new_images])
+
+    def _commit(self, request: Request, result: GenerationResult) -> None:
+        self.messages = [*request.prompt, {"role": "assistant", "content": result.text}]
+        self.images = request.images

@@ -1,0 +1,78 @@
+"""GenerationConfig: the settings of one generate call, checked when built (DESIGN §3–§5)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+REMASKING = ("low_confidence", "random")
+CACHE_MODES = ("none", "prefix", "dual")
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How to decode an answer.
+
+    gen_length: answer positions (masks) appended to the prompt.
+    block_length: decoded left to right in blocks of this many positions (gen_length % block_length == 0).
+    steps: denoising steps over the whole answer, spread evenly over the blocks; None = gen_length
+        (one token per step). Ignored when `threshold` is set: a block then ends when it has no masks left.
+    temperature: 0 = argmax; > 0 adds temperature * Gumbel noise drawn from a generator seeded with `seed`.
+    remasking: "low_confidence" (commit the most confident candidates) or "random".
+    cache: "none" (a full forward every step), "prefix" or "dual" (DESIGN §4).
+    refresh_interval: with a cache, a full forward refreshes it at the start of every block and at every
+        step index within the block that is a multiple of this; 1 = no reuse (equals cache="none").
+        The default 4 keeps three of every four steps cheap while refreshing often enough that answers
+        stay close to the uncached ones; the LLaDA-V paper measured intervals from 2 to 48.
+    threshold: None, or parallel decoding: commit every candidate more confident than this
+        (and at least the most confident one).
+    seed: seeds the per-request generator of the Gumbel noise and of random remasking.
+    """
+
+    gen_length: int = 128
+    block_length: int = 32
+    steps: int | None = None
+    temperature: float = 0.0
+    remasking: str = "low_confidence"
+    cache: str = "none"
+    refresh_interval: int = 4
+    threshold: float | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.steps is None:
+            object.__setattr__(self, "steps", self.gen_length)
+        for name in ("gen_length", "block_length", "steps", "refresh_interval", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        if self.gen_length < 1 or self.block_length < 1:
+            raise ValueError(f"gen_length and block_length must be >= 1, got {self.gen_length} and {self.block_length}")
+        if self.gen_length % self.block_length:
+            raise ValueError(f"gen_length {self.gen_length} is not a multiple of block_length {self.block_length}: "
+                             f"change one so that block_length divides gen_length")
+        if self.steps < 1 or self.steps % self.num_blocks:
+            raise ValueError(f"steps {self.steps} must be a positive multiple of the number of blocks "
+                             f"{self.num_blocks} (gen_length / block_length), e.g. steps={self.num_blocks * 4}")
+        if not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool) \
+                or not self.temperature >= 0:
+            raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
+        if self.remasking not in REMASKING:
+            raise ValueError(f"unknown remasking {self.remasking!r}: use one of {', '.join(REMASKING)}")
+        if self.cache not in CACHE_MODES:
+            raise ValueError(f"unknown cache mode {self.cache!r}: use one of {', '.join(CACHE_MODES)}")
+        if self.refresh_interval < 1:
+            raise ValueError(f"refresh_interval must be >= 1 (1 = refresh every step), got {self.refresh_interval}")
+        if self.threshold is not None:
+            if not isinstance(self.threshold, (int, float)) or isinstance(self.threshold, bool) \
+                    or not 0 < self.threshold <= 1:
+                raise ValueError(f"threshold must be None or a number in (0, 1], got {self.threshold!r}")
+            if self.remasking != "low_confidence":
+                raise ValueError("threshold compares model confidences: use it with remasking='low_confidence'")
+
+    @property
+    def num_blocks(self) -> int:
+        return self.gen_length // self.block_length
+
+    @property
+    def steps_per_block(self) -> int:
+        return self.steps // self.num_blocks

@@ -1,0 +1,52 @@
+"""The refresh-interval cache (DESIGN §4): fixed K/V buffers of the whole sequence, written by full forwards.
+
+Allocated once per generate call as [n_layers, B, H, L, D]. A cached step passes the whole buffer and a
+`past_mask` that hides the slots the queries stand for, so no step copies or grows the cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, mode: str, refresh_interval: int, shape: tuple[int, int, int, int, int],
+                 dtype: torch.dtype, device: torch.device):
+        if mode not in ("prefix", "dual"):
+            raise ValueError(f"cache mode must be 'prefix' or 'dual', got {mode!r}")
+        self.mode = mode
+        self.refresh_interval = refresh_interval
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def length(self) -> int:
+        return self.keys.shape[3]
+
+    def should_refresh(self, step_in_block: int) -> bool:
+        """At the start of every block (step 0) and at every multiple of the refresh interval."""
+        return step_in_block % self.refresh_interval == 0
+
+    def update(self, present_keys: torch.Tensor, present_values: torch.Tensor, rows: torch.Tensor | None = None):
+        """Copy a full forward's presents [n_layers, b, H, L, D] into the buffers (into `rows` when b < B)."""
+        if rows is None:
+            self.keys.copy_(present_keys)
+            self.values.copy_(present_values)
+        else:
+            self.keys.index_copy_(1, rows, present_keys)
+            self.values.index_copy_(1, rows, present_values)
+
+    def buffers(self, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if rows is None:
+            return self.keys, self.values
+        return self.keys.index_select(1, rows), self.values.index_select(1, rows)
+
+    def query_end(self, block_end: int) -> int:
+        """End of the query span that starts at the current block: the block (dual), or everything after (prefix)."""
+        return block_end if self.mode == "dual" else self.length
+
+    def past_mask(self, attention_mask: torch.Tensor, query_start: int, query_end: int) -> torch.Tensor:
+        """attention_mask [b, L] with the query slots hidden: int64 [b, L], 1 = read from the cache."""
+        mask = attention_mask.clone()
+        mask[:, query_start:query_end] = 0
+        return mask

@@ -1,0 +1,130 @@
+"""ONNX Runtime backend: the engines folder's ONNX parts, on the CPU or a GPU provider.
+
+Inputs and outputs are torch tensors bound by pointer (IO binding), so on CUDA they stay on the GPU
+between parts and steps; outputs are preallocated torch tensors of the shapes docs/engines.md gives.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .engines import open_engines
+from .runner import Runner, resolve_device
+
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+_NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
+
+
+class OnnxRuntimeRunner(Runner):
+    """providers: ONNX Runtime execution provider names, by default CPUExecutionProvider on device "cpu"
+    and CUDAExecutionProvider on "cuda". Every GPU provider asked for must load, or activation fails."""
+
+    name = "onnxruntime"
+
+    def __init__(self, engines: str | Path, device: str | torch.device = "cpu", providers: list[str] | None = None):
+        super().__init__()
+        self.engines = open_engines(engines)
+        self.device = resolve_device(device, "onnxruntime")
+        if providers is None:
+            providers = ["CUDAExecutionProvider"] if self.device.type == "cuda" else ["CPUExecutionProvider"]
+        gpu = [p for p in providers if p in GPU_PROVIDERS]
+        if gpu and self.device.type != "cuda":
+            raise ValueError(f"providers {gpu} run on a GPU: pass device='cuda'")
+        if self.device.type == "cuda" and not gpu:
+            raise ValueError(f"device {self.device} needs a GPU provider ({', '.join(GPU_PROVIDERS)}), got {providers}")
+        self.providers = list(providers)
+        self.sessions = {}
+
+    def _activate_impl(self) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as err:
+            raise ValueError("backend 'onnxruntime' needs the onnxruntime package (onnxruntime-gpu for CUDA)") from err
+        available = ort.get_available_providers()
+        missing = [p for p in self.providers if p not in available]
+        if missing:
+            raise ValueError(f"ONNX Runtime provider(s) {missing} are not available here (available: {available}): "
+                             f"install onnxruntime-gpu with a matching CUDA, or use device='cpu'")
+        provider_list = [(p, self._provider_options(p)) for p in self.providers]
+        if "CPUExecutionProvider" not in self.providers:
+            provider_list.append(("CPUExecutionProvider", {}))  # for the few nodes a GPU provider does not take
+        eng = self.engines
+        parts = ["denoiser_full", "denoiser_cached"] + (["vision", "projector"] if eng.config.has_vision else [])
+        for part in parts:
+            path = eng.part_file(part, "onnx")
+            if path is None:
+                raise ValueError(f"{eng.folder}: the manifest names no onnx model for {part!r}: rebuild the engines")
+            session = ort.InferenceSession(str(path), providers=provider_list)
+            loaded = session.get_providers()
+            failed = [p for p in self.providers if p not in loaded]
+            if failed:
+                raise ValueError(f"ONNX Runtime could not load provider(s) {failed} for {path.name} (loaded: {loaded}); "
+                                 f"check the CUDA/cuDNN/TensorRT libraries onnxruntime-gpu needs, or use device='cpu'")
+            self.sessions[part] = session
+        self.config, self.folder, self.dtype = eng.config, eng.folder, eng.dtype
+        self.max_sequence_length = eng.max_sequence_length
+        self.embed_table, self.image_newline = eng.load_embeddings(self.device)
+
+    def _provider_options(self, provider: str) -> dict:
+        if provider not in GPU_PROVIDERS:
+            return {}
+        # Run on torch's current stream, so ONNX Runtime sees torch's writes to the bound inputs in order.
+        stream = torch.cuda.current_stream(self.device).cuda_stream
+        return {"device_id": str(self.device.index), "has_user_compute_stream": "1", "user_compute_stream": str(stream)}
+
+    def _deactivate_impl(self) -> None:
+        self.sessions = {}
+        self.embed_table = self.image_newline = None
+
+    def _run(self, part: str, inputs: dict, outputs: dict) -> None:
+        binding = self.sessions[part].io_binding()
+        kind, index = self.device.type, self.device.index or 0
+        for names, bind in ((inputs, binding.bind_input), (outputs, binding.bind_output)):
+            for name, t in names.items():
+                bind(name, kind, index, _NUMPY[t.dtype], tuple(t.shape), t.data_ptr())
+        self.sessions[part].run_with_iobinding(binding)
+
+    def _empty(self, shape, dtype=None) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype or self.dtype, device=self.device)
+
+    def _vision_impl(self, pixel_values):
+        n, v = pixel_values.shape[0], self.config.vision
+        features = self._empty((n, v.tokens_per_tile, v.hidden_size))
+        self._run("vision", {"pixel_values": pixel_values.contiguous()}, {"features": features})
+        return features
+
+    def _projector_impl(self, features):
+        n, t, _ = features.shape
+        embeddings = self._empty((n, t, self.config.language.hidden_size))
+        self._run("projector", {"features": features.contiguous()}, {"embeddings": embeddings})
+        return embeddings
+
+    def _denoiser_inputs(self, inputs_embeds, position_ids, attention_mask, logits_index) -> dict:
+        return {"inputs_embeds": inputs_embeds.contiguous(), "position_ids": position_ids.contiguous(),
+                "attention_mask": attention_mask.contiguous(), "logits_index": logits_index.contiguous()}
+
+    def _logits(self, logits_index) -> torch.Tensor:
+        b, p = logits_index.shape
+        return self._empty((b, p, self.config.language.vocab_size), torch.float32)
+
+    def _denoise_full_impl(self, inputs_embeds, position_ids, attention_mask, logits_index):
+        lm = self.config.language
+        b, length = inputs_embeds.shape[:2]
+        kv_shape = (lm.num_hidden_layers, b, lm.num_attention_heads, length, lm.head_dim)
+        outputs = {"logits": self._logits(logits_index), "present_keys": self._empty(kv_shape),
+                   "present_values": self._empty(kv_shape)}
+        self._run("denoiser_full", self._denoiser_inputs(inputs_embeds, position_ids, attention_mask, logits_index),
+                  outputs)
+        return outputs["logits"], outputs["present_keys"], outputs["present_values"]
+
+    def _denoise_cached_impl(self, inputs_embeds, position_ids, attention_mask, logits_index,
+                             past_keys, past_values, past_mask, query_start):
+        inputs = self._denoiser_inputs(inputs_embeds, position_ids, attention_mask, logits_index)
+        inputs.update(past_keys=past_keys.contiguous(), past_values=past_values.contiguous(),
+                      past_mask=past_mask.contiguous())
+        logits = self._logits(logits_index)
+        self._run("denoiser_cached", inputs, {"logits": logits})  # the queries' presents are not needed
+        return logits

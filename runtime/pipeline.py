@@ -1,0 +1,200 @@
+"""Pipeline: the public API. Loads a backend's runner, turns requests into prompt embeddings and runs
+the diffusion loop (decoding.py) over them; backend-agnostic, on torch tensors on the runner's device.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from llada_v import SpecialTokens, load_tokenizer
+
+from .config import GenerationConfig
+from .decoding import Batch, Decoder, StageTimer
+from .prompt import ImageLike, Request, as_request, encode_images, prompt_embeddings, request_ids, tile_images
+from .runner import Runner
+
+BACKENDS = ("onnxruntime", "tensorrt", "torch")
+
+
+@dataclass
+class GenerationResult:
+    """text: the answer; token_ids: its ids, up to (not including) <|eot_id|>; stats: see Pipeline.generate."""
+
+    text: str
+    token_ids: list[int]
+    stats: dict = field(default_factory=dict)
+
+
+class Pipeline:
+    def __init__(self, runner: Runner):
+        self.runner = runner.activate()
+        self.tokenizer = load_tokenizer(runner.folder)
+        self.special = SpecialTokens.from_tokenizer(self.tokenizer)
+        # The mask token is banned too: committing it would leave the position masked.
+        banned = (*self.special.banned_at_masked, self.special.mask)
+        self.banned_ids = torch.tensor(banned, dtype=torch.int64, device=runner.device)
+
+    @classmethod
+    def load(cls, path: str | Path, backend: str = "onnxruntime", *, device: str | None = None,
+             dtype: torch.dtype = torch.float32, providers: list[str] | None = None,
+             fused_cache: bool | None = None) -> "Pipeline":
+        """An engines folder with backend "onnxruntime" or "tensorrt", or a checkpoint folder with "torch".
+
+        device: "cpu" or "cuda" (default: "cuda" for tensorrt, else "cpu"); dtype (torch only): the
+        weights' dtype; providers (onnxruntime only): execution providers; fused_cache (torch only): see
+        TorchRunner.
+        """
+        if backend == "onnxruntime":
+            from .ort_runner import OnnxRuntimeRunner
+
+            return cls(OnnxRuntimeRunner(path, device or "cpu", providers))
+        if backend == "tensorrt":
+            from .trt_runner import TensorRTRunner
+
+            return cls(TensorRTRunner(path, device or "cuda"))
+        if backend == "torch":
+            from .torch_runner import TorchRunner
+
+            return cls(TorchRunner(path, device or "cpu", dtype, fused_cache))
+        raise ValueError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
+
+    def close(self) -> None:
+        self.runner.deactivate()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- public API ---------------------------------------------------------------------------------
+
+    def generate(self, prompt, image: ImageLike | Sequence[ImageLike] | None = None,
+                 config: GenerationConfig | None = None, *, on_step: Callable[[str], None] | None = None):
+        """Generate an answer to `prompt` (a string, a conversation or a Request) about `image`(s).
+
+        A list of requests (strings, (prompt, image) tuples or Requests) runs as one batch and returns a
+        list of results, each equal to its request run alone. on_step(text) receives the partially
+        decoded answer after every step (single requests only).
+
+        stats: nfe (denoiser calls) = full_forwards + cached_forwards, steps, seconds, tokens_per_second
+        (answer tokens of the batch / seconds), batch_size, prompt_lengths, stage_seconds {preprocess,
+        vision, projector, full_forward, cached_forward, remasking, other (the rest)} and engine_seconds
+        (vision + projector + full and cached forwards). A batch's results share its stats.
+        """
+        batched = isinstance(prompt, list)
+        if batched:
+            if image is not None:
+                raise ValueError("with a list of requests, give each request its image: [(prompt, image), ...]")
+            if on_step is not None:
+                raise ValueError("on_step streams a single request, not a batch")
+            requests = [as_request(p) for p in prompt]
+            if not requests:
+                raise ValueError("the list of requests is empty")
+        else:
+            requests = [self._request(prompt, image)]
+        decoder = self._prepare(requests, config)
+        for answers in decoder:
+            if on_step is not None:
+                on_step(self._partial_text(answers[0]))
+        results = self._results(decoder)
+        return results if batched else results[0]
+
+    def stream(self, prompt, image: ImageLike | Sequence[ImageLike] | None = None,
+               config: GenerationConfig | None = None) -> "Stream":
+        """Iterate over the partially decoded answer after each step; `.result` holds the result at the end."""
+        return Stream(self, self._prepare([self._request(prompt, image)], config))
+
+    def chat(self, config: GenerationConfig | None = None, system: str | None = None) -> "Conversation":
+        from .chat import Conversation
+
+        return Conversation(self, config, system)
+
+    # ---- the loop -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _request(prompt, image) -> Request:
+        if isinstance(prompt, Request):
+            if image is not None:
+                raise ValueError("a Request carries its own image: do not pass image= as well")
+            return prompt
+        return Request(prompt, image)
+
+    def _prepare(self, requests: list[Request], config: GenerationConfig | None) -> Decoder:
+        """Prompt embeddings of every request, left-padded into one batch, and the loop over it."""
+        cfg = GenerationConfig() if config is None else config
+        if not isinstance(cfg, GenerationConfig):
+            raise ValueError(f"config must be a GenerationConfig, got {type(cfg).__name__}")
+        runner = self.runner
+        timer = StageTimer(runner.device)
+        ids = [request_ids(r, self.tokenizer) for r in requests]
+        with timer("preprocess"):
+            tiles = tile_images(requests, runner)
+        images = encode_images(tiles, runner, timer)
+        prompts = [prompt_embeddings(i, im, runner) for i, im in zip(ids, images)]
+        self._check_length(prompts, cfg)
+        batch = Batch.left_padded(prompts, cfg.gen_length, self.special.mask, runner)
+        return Decoder(runner, batch, cfg, self.special, self.banned_ids, timer)
+
+    def _results(self, decoder: Decoder) -> list[GenerationResult]:
+        seconds = decoder.timer.elapsed()
+        results = [self._result(answer) for answer in decoder.answers]
+        counts = decoder.counts
+        stats = {"nfe": counts["full_forwards"] + counts["cached_forwards"], **counts, "seconds": seconds,
+                 "tokens_per_second": sum(len(res.token_ids) for res in results) / seconds,
+                 "batch_size": len(results), "prompt_lengths": decoder.batch.prompt_lengths,
+                 **decoder.timer.stats(seconds)}
+        for res in results:
+            res.stats = copy.deepcopy(stats)
+        return results
+
+    def _check_length(self, prompts: list[torch.Tensor], cfg: GenerationConfig) -> None:
+        limit = self.runner.max_sequence_length
+        for prompt in prompts:
+            if len(prompt) + cfg.gen_length > limit:
+                raise ValueError(f"the prompt takes {len(prompt)} positions (image embeddings included) and "
+                                 f"gen_length is {cfg.gen_length}: {len(prompt) + cfg.gen_length} exceeds the "
+                                 f"maximum sequence length {limit} of these engines/this model; shorten the prompt, "
+                                 f"use fewer or smaller images, or lower gen_length")
+
+    def _result(self, answer: list[int]) -> GenerationResult:
+        ids = answer[:answer.index(self.special.eot)] if self.special.eot in answer else answer
+        return GenerationResult(self.tokenizer.decode(ids, skip_special_tokens=True), ids)
+
+    def _partial_text(self, answer: list[int]) -> str:
+        """The answer decoded up to its first still-masked position or <|eot_id|>."""
+        end = len(answer)
+        for i, token in enumerate(answer):
+            if token in (self.special.mask, self.special.eot):
+                end = i
+                break
+        return self.tokenizer.decode(answer[:end], skip_special_tokens=True)
+
+
+class Stream:
+    """Iterator over the partial answer text after each step of one request; `.result` once exhausted."""
+
+    def __init__(self, pipeline: Pipeline, decoder: Decoder,
+                 on_done: Callable[[GenerationResult], None] | None = None):
+        self._pipeline, self._decoder, self._on_done = pipeline, decoder, on_done
+        self._steps = iter(decoder)
+        self.result: GenerationResult | None = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        try:
+            answers = next(self._steps)
+        except StopIteration:
+            if self.result is None:
+                self.result = self._pipeline._results(self._decoder)[0]
+                if self._on_done is not None:
+                    self._on_done(self.result)
+            raise
+        return self._pipeline._partial_text(answers[0])

@@ -1,0 +1,118 @@
+"""From a request (prompt or conversation, images) to prompt embeddings: LLaDA-V's conversation format,
+image tiles through the vision and projector parts, and splicing at the `<image>` positions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from llada_v import IMAGE_TOKEN_INDEX, conversation_ids
+from llada_v.image_processing import ImageTiles, merge_tile_embeddings, preprocess
+from llada_v.tokenizer import IMAGE_PLACEHOLDER
+
+from .runner import Runner
+
+ImageLike = Union[str, Path, Image.Image, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Request:
+    """One generation: a user prompt (or a whole conversation ending with a user turn) and its images.
+
+    prompt: text, or messages [{"role": "user"|"assistant"|"system", "content": str}].
+    image: one image (path, PIL image or RGB uint8 array), a sequence of them, or None. Each `<image>`
+    in the prompt takes the next image; with no `<image>` at all, `<image>\\n` per image goes before
+    the (last) user question, as LLaDA-V formats it.
+    """
+
+    prompt: str | Sequence[dict]
+    image: ImageLike | Sequence[ImageLike] | None = None
+
+    @property
+    def images(self) -> list:
+        if self.image is None:
+            return []
+        if isinstance(self.image, (str, Path, Image.Image, np.ndarray)):
+            return [self.image]
+        return list(self.image)
+
+    def messages(self) -> list[dict]:
+        """The conversation with one `<image>` per image; ValueError when they cannot be matched."""
+        if isinstance(self.prompt, str):
+            messages = [{"role": "user", "content": self.prompt}]
+        else:
+            messages = [dict(m) for m in self.prompt]
+            if not messages or any(not isinstance(m.get("content"), str) or m.get("role") not in
+                                   ("system", "user", "assistant") for m in messages):
+                raise ValueError("a conversation must be a non-empty list of {'role': 'system'|'user'|'assistant', "
+                                 "'content': str} messages")
+            if messages[-1]["role"] != "user":
+                raise ValueError(f"a conversation must end with a user turn, not {messages[-1]['role']!r}")
+        n_images = len(self.images)
+        placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
+        if placeholders == 0 and n_images:
+            messages[-1]["content"] = f"{IMAGE_PLACEHOLDER}\n" * n_images + messages[-1]["content"]
+        elif placeholders != n_images:
+            raise ValueError(f"the prompt has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {n_images} "
+                             f"image(s) were given: put one {IMAGE_PLACEHOLDER} per image, in order (or none at all)")
+        return messages
+
+
+def as_request(item) -> Request:
+    if isinstance(item, Request):
+        return item
+    if isinstance(item, str):
+        return Request(item)
+    if isinstance(item, tuple) and len(item) == 2:
+        return Request(*item)
+    raise ValueError(f"a request must be a prompt string, a (prompt, image) tuple or a Request, got {type(item).__name__}")
+
+
+def tile_images(requests: list[Request], runner: Runner) -> list[list[ImageTiles]]:
+    """Preprocess every request's images (ValueError for an unreadable image or a text-only model)."""
+    tiles = []
+    for request in requests:
+        if request.images and not runner.config.has_vision:
+            raise ValueError("this model is text-only: it cannot take images")
+        tiles.append([preprocess(image, runner.config) for image in request.images])
+    return tiles
+
+
+def encode_images(tiles: list[list[ImageTiles]], runner: Runner, timer) -> list[list[torch.Tensor]]:
+    """All tiles of all requests through one vision and one projector call; per image its merged
+    embeddings [M, C] (global view, then the unpadded grid with image_newline ending every row)."""
+    flat = [t for per_request in tiles for t in per_request]
+    if not flat:
+        return [[] for _ in tiles]
+    pixel_values = torch.cat([t.pixel_values for t in flat]).to(runner.device)
+    with timer("vision"):
+        features = runner.vision(pixel_values)
+    with timer("projector"):
+        embeddings = runner.projector(features)
+    merged = iter([merge_tile_embeddings(e, t, runner.image_newline, runner.config)
+                   for e, t in zip(embeddings.split([len(t.pixel_values) for t in flat]), flat)])
+    return [[next(merged) for _ in per_request] for per_request in tiles]
+
+
+def prompt_embeddings(ids: list[int], images: list[torch.Tensor], runner: Runner) -> torch.Tensor:
+    """Token ids with IMAGE_TOKEN_INDEX markers -> [Lp, C]: text embedded, each marker replaced by its image."""
+    pieces, chunk, images = [], [], iter(images)
+    for token in ids + [None]:
+        if token == IMAGE_TOKEN_INDEX or token is None:
+            if chunk:
+                pieces.append(runner.embed(torch.tensor(chunk, dtype=torch.int64, device=runner.device)))
+                chunk = []
+            if token is not None:
+                pieces.append(next(images).to(runner.dtype))
+        else:
+            chunk.append(token)
+    return torch.cat(pieces)
+
+
+def request_ids(request: Request, tokenizer) -> list[int]:
+    return conversation_ids(tokenizer, request.messages())

@@ -1,0 +1,174 @@
+"""The runner contract: one object per backend that runs the model's parts on torch tensors.
+
+Like Polygraphy's BaseRunner, the public methods here do the shared work (activation and input
+checks) and call the backend's `_*_impl` methods. Shapes and names follow docs/engines.md; all
+tensors live on `runner.device`, so a GPU backend never round-trips through the host.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from llada_v import LladaVConfig
+
+
+class Runner:
+    """Base class. Subclasses set the attributes below in `_activate_impl` and implement the `_*_impl` methods.
+
+    config: the checkpoint's LladaVConfig; folder: where its tokenizer files are; dtype: the engines'
+    float dtype (embeddings, features, K/V); device; max_sequence_length; embed_table [V, C] and
+    image_newline [C] (None for a text-only model).
+    """
+
+    name = "runner"
+
+    def __init__(self):
+        self.is_active = False
+        self.config: LladaVConfig | None = None
+        self.folder: Path | None = None
+        self.dtype: torch.dtype | None = None
+        self.device = torch.device("cpu")
+        self.max_sequence_length = 0
+        self.embed_table: torch.Tensor | None = None
+        self.image_newline: torch.Tensor | None = None
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    def activate(self) -> "Runner":
+        if not self.is_active:
+            self._activate_impl()
+            self.is_active = True
+        return self
+
+    def deactivate(self) -> None:
+        if self.is_active:
+            self._deactivate_impl()
+            self.is_active = False
+
+    def __enter__(self):
+        return self.activate()
+
+    def __exit__(self, *exc):
+        self.deactivate()
+
+    # ---- the parts --------------------------------------------------------------------------------
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids int64 [...] -> embeddings [..., C] in the runner's dtype."""
+        self._check_active("embed")
+        self._check("ids", ids, torch.int64)
+        return F.embedding(ids, self.embed_table)
+
+    def vision(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values float32 [N, 3, S, S] -> features [N, T, Cv]."""
+        self._check_active("vision")
+        if self.config.vision is None:
+            raise ValueError(f"{self.name} | this model is text-only: it has no vision tower")
+        size = self.config.vision.image_size
+        self._check("pixel_values", pixel_values, torch.float32, (None, self.config.vision.num_channels, size, size))
+        return self._vision_impl(pixel_values)
+
+    def projector(self, features: torch.Tensor) -> torch.Tensor:
+        """features [N, T, Cv] -> embeddings [N, T, C]."""
+        self._check_active("projector")
+        v = self.config.vision
+        self._check("features", features, self.dtype, (None, v.tokens_per_tile, v.hidden_size))
+        return self._projector_impl(features)
+
+    def denoise_full(self, inputs_embeds, position_ids, attention_mask, logits_index):
+        """The full pass: logits float32 [B, P, V], present_keys, present_values [n_layers, B, H, L, D]."""
+        self._check_active("denoise_full")
+        self._check_denoiser_inputs(inputs_embeds, position_ids, attention_mask, logits_index)
+        return self._denoise_full_impl(inputs_embeds, position_ids, attention_mask, logits_index)
+
+    def denoise_cached(self, inputs_embeds, position_ids, attention_mask, logits_index,
+                       past_keys, past_values, past_mask, query_start: int) -> torch.Tensor:
+        """The cached pass: the Q queries attend to `past_*` where `past_mask` is 1 and to their own
+        fresh keys/values. Returns logits float32 [B, P, V].
+
+        The queries sit at slots [query_start, query_start + Q) of the cache, which `past_mask` hides;
+        a runner may overwrite those slots of past_keys/past_values with the queries' fresh K/V.
+        """
+        self._check_active("denoise_cached")
+        b, q = self._check_denoiser_inputs(inputs_embeds, position_ids, attention_mask, logits_index)
+        lm = self.config.language
+        cache_shape = (lm.num_hidden_layers, b, lm.num_attention_heads, None, lm.head_dim)
+        self._check("past_keys", past_keys, self.dtype, cache_shape)
+        self._check("past_values", past_values, self.dtype, tuple(past_keys.shape))
+        self._check("past_mask", past_mask, torch.int64, (b, past_keys.shape[3]))
+        if not 0 <= query_start <= past_keys.shape[3] - q:
+            raise ValueError(f"{self.name} | query_start {query_start} puts {q} queries outside the "
+                             f"cache of length {past_keys.shape[3]}")
+        return self._denoise_cached_impl(inputs_embeds, position_ids, attention_mask, logits_index,
+                                         past_keys, past_values, past_mask, query_start)
+
+    # ---- checks -----------------------------------------------------------------------------------
+
+    def _check_active(self, method: str) -> None:
+        if not self.is_active:
+            raise RuntimeError(f"{self.name} | must be activated before calling {method}()")
+
+    def _check(self, name: str, tensor, dtype: torch.dtype, shape: tuple | None = None) -> None:
+        """dtype, device and shape (None = any size) of one input."""
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{self.name} | {name}: expected a torch tensor, got {type(tensor).__name__}")
+        ok = tensor.dtype == dtype and tensor.device == self.device
+        if shape is not None:
+            ok = ok and tensor.dim() == len(shape) and all(e is None or e == s for e, s in zip(shape, tensor.shape))
+        if not ok:
+            expected = "any" if shape is None else [("?" if e is None else e) for e in shape]
+            raise ValueError(f"{self.name} | {name}: received {dtype_shape(tensor)} on {tensor.device}. "
+                             f"Note: expected {str(dtype).replace('torch.', '')} {expected} on {self.device}")
+
+    def _check_denoiser_inputs(self, inputs_embeds, position_ids, attention_mask, logits_index) -> tuple[int, int]:
+        self._check("inputs_embeds", inputs_embeds, self.dtype, (None, None, self.config.language.hidden_size))
+        b, q = inputs_embeds.shape[:2]
+        self._check("position_ids", position_ids, torch.int64, (b, q))
+        self._check("attention_mask", attention_mask, torch.int64, (b, q))
+        self._check("logits_index", logits_index, torch.int64, (b, None))
+        return b, q
+
+    # ---- backend API ------------------------------------------------------------------------------
+
+    def _activate_impl(self) -> None:
+        raise NotImplementedError
+
+    def _deactivate_impl(self) -> None:
+        raise NotImplementedError
+
+    def _vision_impl(self, pixel_values):
+        raise NotImplementedError
+
+    def _projector_impl(self, features):
+        raise NotImplementedError
+
+    def _denoise_full_impl(self, inputs_embeds, position_ids, attention_mask, logits_index):
+        raise NotImplementedError
+
+    def _denoise_cached_impl(self, inputs_embeds, position_ids, attention_mask, logits_index,
+                             past_keys, past_values, past_mask, query_start):
+        raise NotImplementedError
+
+
+def dtype_shape(tensor: torch.Tensor) -> str:
+    return f"{str(tensor.dtype).replace('torch.', '')} {list(tensor.shape)}"
+
+
+def resolve_device(device: str | torch.device, backend: str) -> torch.device:
+    """A torch device the backend can use; ValueError when a GPU is asked for and torch has none."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {device!r}: use 'cpu' or 'cuda' (or 'cuda:N')") from err
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"backend {backend!r} runs on 'cpu' or 'cuda', not {device.type!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"backend {backend!r} on {device} needs an NVIDIA GPU and a CUDA build of torch, "
+                             f"but torch.cuda.is_available() is False here: use device='cpu'")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    return device

@@ -1,0 +1,109 @@
+"""The reference backend: the llada_v PyTorch modules of a checkpoint folder, on CPU or CUDA."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+import llada_v
+from llada_v.denoiser import apply_rotary, rotary_cos_sin
+
+from .runner import Runner, resolve_device
+
+
+class TorchRunner(Runner):
+    """Runs a checkpoint folder (not an engines folder) with PyTorch.
+
+    fused_cache: run the cached pass as in-place slot writes + `triton_kernels.attention` (the Triton
+    kernel on CUDA) instead of the module's concatenating forward. None = on CUDA when the kernel
+    supports the head dim and dtype.
+    """
+
+    name = "torch"
+
+    def __init__(self, checkpoint: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 fused_cache: bool | None = None):
+        super().__init__()
+        self.checkpoint = Path(checkpoint)
+        self.device = resolve_device(device, "torch")
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"torch backend dtype must be float32, float16 or bfloat16, got {dtype}")
+        self.dtype = dtype
+        self.fused_cache = fused_cache
+        self.model = None
+
+    def _activate_impl(self) -> None:
+        if (self.checkpoint / "manifest.json").is_file():
+            raise ValueError(f"{self.checkpoint} is an engines folder: the torch backend loads a checkpoint folder "
+                             f"(config.json + safetensors), use backend='onnxruntime' or 'tensorrt' for engines")
+        try:
+            self.model = llada_v.load_model(self.checkpoint, dtype=self.dtype, device=self.device)
+        except llada_v.CheckpointError as err:
+            raise ValueError(f"torch backend: {err}") from err
+        self.config = self.model.config
+        self.folder = self.checkpoint
+        self.max_sequence_length = self.config.language.max_position_embeddings
+        self.embed_table = self.model.denoiser.embed_tokens.weight.detach()
+        self.image_newline = self.model.image_newline.detach() if self.config.has_vision else None
+        from triton_kernels.reference import SUPPORTED_HEAD_DIMS
+
+        supported = self.config.language.head_dim in SUPPORTED_HEAD_DIMS and self.dtype != torch.bfloat16
+        if self.fused_cache is None:
+            self.fused_cache = self.device.type == "cuda" and supported
+        elif self.fused_cache and not supported:
+            raise ValueError(f"fused_cache=True needs a head dim in {SUPPORTED_HEAD_DIMS} and float16/float32 weights "
+                             f"(the attention kernel's), this model has head dim {self.config.language.head_dim} in "
+                             f"{self.dtype}: use fused_cache=None")
+
+    def _deactivate_impl(self) -> None:
+        self.model = self.embed_table = self.image_newline = None
+
+    @torch.inference_mode()
+    def _vision_impl(self, pixel_values):
+        return self.model.vision_tower(pixel_values.to(self.dtype))
+
+    @torch.inference_mode()
+    def _projector_impl(self, features):
+        return self.model.projector(features)
+
+    @torch.inference_mode()
+    def _denoise_full_impl(self, inputs_embeds, position_ids, attention_mask, logits_index):
+        return self.model.denoiser(inputs_embeds, position_ids, attention_mask, logits_index)
+
+    @torch.inference_mode()
+    def _denoise_cached_impl(self, inputs_embeds, position_ids, attention_mask, logits_index,
+                             past_keys, past_values, past_mask, query_start):
+        if self.fused_cache:
+            return self._cached_in_place(inputs_embeds, position_ids, attention_mask, logits_index,
+                                         past_keys, past_values, past_mask, query_start)
+        return self.model.denoiser(inputs_embeds, position_ids, attention_mask, logits_index,
+                                   past_keys, past_values, past_mask)[0]
+
+    def _cached_in_place(self, x, position_ids, attention_mask, logits_index, past_keys, past_values, past_mask,
+                         query_start):
+        """Denoiser.forward's cached pass, composed from its modules: each layer writes the queries' fresh
+        K/V into their cache slots and attends over the whole buffer with a key mask, so no per-step
+        concatenation of the cache is made."""
+        import triton_kernels
+
+        den = self.model.denoiser
+        lm = den.config
+        b, q_len, _ = x.shape
+        slots = slice(query_start, query_start + q_len)
+        key_mask = past_mask.bool()
+        key_mask[:, slots] = attention_mask.bool()
+        cos, sin = rotary_cos_sin(position_ids, lm.head_dim, lm.rope_theta)
+        for i, layer in enumerate(den.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q, k, v = (proj(h).view(b, q_len, lm.num_attention_heads, lm.head_dim).transpose(1, 2)
+                       for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            past_keys[i, :, :, slots] = k
+            past_values[i, :, :, slots] = v
+            out = triton_kernels.attention(q, past_keys[i], past_values[i], key_mask=key_mask)
+            x = x + attn.o_proj(out.transpose(1, 2).reshape(b, q_len, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        hidden = torch.gather(x, 1, logits_index[..., None].expand(-1, -1, x.shape[-1]))
+        return den.lm_head(den.norm(hidden)).float()

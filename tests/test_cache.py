@@ -1,0 +1,153 @@
+"""The refresh-interval cache: the KVCache buffers, r=1 equals no cache, the forward counts of a schedule,
+and what a cached step is given (one buffer for the whole call, the right slots hidden)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import llada_v
+from runtime import GenerationConfig, Pipeline
+from runtime.kv_cache import KVCache
+from runtime.torch_runner import TorchRunner
+
+PROMPTS = ["What colour is the square?", "How many shapes are there? Answer with one word."]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    # The test machine's 2 cores are shared; torch's OpenMP threads then spin-wait and slow tiny ops 20x.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def torch_pipe():
+    return Pipeline.load(llada_v.SHIPPED_MODEL_DIR, backend="torch")
+
+
+@pytest.fixture(scope="module")
+def no_eot_model_dir(tmp_path_factory):
+    """The shipped model with a zero <|eot_id|> row in lm_head: eot's logit is 0 while the best of the
+    other ids is well above it, so no early exit can happen (at temperature 0)."""
+    folder = tmp_path_factory.mktemp("no-eot")
+    model = llada_v.load_model(llada_v.SHIPPED_MODEL_DIR)
+    eot = llada_v.SpecialTokens.from_tokenizer(llada_v.load_tokenizer(llada_v.SHIPPED_MODEL_DIR)).eot
+    with torch.no_grad():
+        model.denoiser.lm_head.weight[eot] = 0.0
+    llada_v.save_model(model, folder, tokenizer_folder=llada_v.SHIPPED_MODEL_DIR)
+    return folder
+
+
+def image(seed: int, size=(90, 140)) -> np.ndarray:
+    return (np.random.RandomState(seed).rand(*size, 3) * 255).astype(np.uint8)
+
+
+# ---- KVCache ------------------------------------------------------------------------------------------
+
+def test_refresh_at_block_start_and_every_interval():
+    cache = KVCache("dual", 3, (1, 1, 1, 4, 2), torch.float32, torch.device("cpu"))
+    assert [s for s in range(8) if cache.should_refresh(s)] == [0, 3, 6]
+
+
+def test_update_writes_rows_in_place():
+    cache = KVCache("prefix", 2, (2, 3, 1, 5, 2), torch.float32, torch.device("cpu"))
+    keys_ptr = cache.keys.data_ptr()
+    cache.update(torch.ones(2, 3, 1, 5, 2), torch.ones(2, 3, 1, 5, 2))
+    cache.update(torch.full((2, 1, 1, 5, 2), 7.0), torch.full((2, 1, 1, 5, 2), 8.0), torch.tensor([1]))
+    assert cache.keys.data_ptr() == keys_ptr
+    assert cache.keys[:, 1].eq(7).all() and cache.values[:, 1].eq(8).all()
+    assert cache.keys[:, [0, 2]].eq(1).all()
+
+
+@pytest.mark.parametrize("mode, expected_end", [("dual", 6), ("prefix", 10)])
+def test_past_mask_hides_the_query_span(mode, expected_end):
+    cache = KVCache(mode, 2, (1, 2, 1, 10, 2), torch.float32, torch.device("cpu"))
+    attention_mask = torch.tensor([[1] * 10, [0, 0] + [1] * 8])
+    end = cache.query_end(6)
+    assert end == expected_end
+    past = cache.past_mask(attention_mask, 4, end)
+    expected = attention_mask.clone()
+    expected[:, 4:expected_end] = 0
+    assert torch.equal(past, expected)
+    assert attention_mask[0].eq(1).all()  # the batch's own mask is left alone
+
+
+def test_cache_mode_must_be_prefix_or_dual():
+    with pytest.raises(ValueError, match="cache mode must be 'prefix' or 'dual'"):
+        KVCache("none", 1, (1, 1, 1, 1, 1), torch.float32, torch.device("cpu"))
+
+
+# ---- in the loop -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+@pytest.mark.parametrize("settings", [dict(), dict(temperature=0.9, seed=3), dict(remasking="random", seed=1),
+                                      dict(threshold=0.004)])
+def test_refresh_interval_one_equals_no_cache(torch_pipe, mode, settings):
+    base = GenerationConfig(gen_length=24, block_length=8, steps=12, **settings)
+    for prompt, img in [(PROMPTS[0], None), (PROMPTS[1], image(0))]:
+        uncached = torch_pipe.generate(prompt, image=img, config=base)
+        cached = torch_pipe.generate(prompt, image=img, config=GenerationConfig(
+            **{**base.__dict__, "cache": mode, "refresh_interval": 1}))
+        assert cached.token_ids == uncached.token_ids
+        assert cached.stats["cached_forwards"] == 0
+
+
+class SpyRunner(TorchRunner):
+    """Records every denoiser call the pipeline makes."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = []
+
+    def _denoise_full_impl(self, inputs_embeds, position_ids, attention_mask, logits_index):
+        self.calls.append(("full", inputs_embeds.shape[1], logits_index.clone()))
+        return super()._denoise_full_impl(inputs_embeds, position_ids, attention_mask, logits_index)
+
+    def _denoise_cached_impl(self, inputs_embeds, position_ids, attention_mask, logits_index,
+                             past_keys, past_values, past_mask, query_start):
+        self.calls.append(("cached", inputs_embeds.shape[1], past_keys.data_ptr(), tuple(past_keys.shape),
+                           past_mask.clone(), query_start))
+        return super()._denoise_cached_impl(inputs_embeds, position_ids, attention_mask, logits_index,
+                                            past_keys, past_values, past_mask, query_start)
+
+
+@pytest.mark.parametrize("cache, interval, steps", [("none", 1, 16), ("dual", 3, 16), ("prefix", 2, 8),
+                                                    ("dual", 8, 32), ("prefix", 5, 16)])
+def test_forward_counts_follow_the_schedule(no_eot_model_dir, cache, interval, steps):
+    runner = SpyRunner(no_eot_model_dir)
+    pipe = Pipeline(runner)
+    cfg = GenerationConfig(gen_length=32, block_length=8, steps=steps, cache=cache, refresh_interval=interval)
+    result = pipe.generate(PROMPTS[0], config=cfg)
+    assert len(result.token_ids) == 32  # no early exit with this model
+    per_block = cfg.steps_per_block if cache == "none" else math.ceil(cfg.steps_per_block / interval)
+    stats = result.stats
+    assert stats["full_forwards"] == cfg.num_blocks * per_block
+    assert stats["cached_forwards"] == steps - stats["full_forwards"]
+    assert stats["nfe"] == stats["steps"] == steps == len(runner.calls)
+    assert sum(kind == "full" for kind, *_ in runner.calls) == stats["full_forwards"]
+
+
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_cached_steps_reuse_one_buffer_and_hide_the_queries(no_eot_model_dir, mode):
+    runner = SpyRunner(no_eot_model_dir)
+    pipe = Pipeline(runner)
+    cfg = GenerationConfig(gen_length=24, block_length=8, steps=24, cache=mode, refresh_interval=4)
+    result = pipe.generate(PROMPTS[1], image=image(2), config=cfg)
+    total = result.stats["prompt_lengths"][0] + cfg.gen_length
+    gen_start = total - cfg.gen_length
+    cached = [c for c in runner.calls if c[0] == "cached"]
+    assert len(cached) == result.stats["cached_forwards"] > 0
+    assert len({c[2] for c in cached}) == 1  # the same preallocated buffer every time
+    for _, queries, _, shape, past_mask, query_start in cached:
+        assert shape[3] == total
+        block_end = query_start + cfg.block_length
+        assert (query_start - gen_start) % cfg.block_length == 0
+        assert queries == (cfg.block_length if mode == "dual" else total - query_start)
+        hidden = torch.nonzero(past_mask[0] == 0).flatten().tolist()
+        assert hidden == list(range(query_start, block_end if mode == "dual" else total))
+    for kind, length, logits_index in (c for c in runner.calls if c[0] == "full"):
+        assert length == total and logits_index.shape == (1, cfg.block_length)  # logits for the block only

@@ -1,0 +1,244 @@
+"""The runner contract, checked on every backend this machine has, and the errors of loading one."""
+
+import importlib.util
+import json
+import shutil
+
+import pytest
+import torch
+
+import llada_v
+from exporter.build import build_engines
+from runtime import Pipeline
+from runtime.ort_runner import OnnxRuntimeRunner
+from runtime.torch_runner import TorchRunner
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    # The test machine's 2 cores are shared; torch's OpenMP threads then spin-wait and slow tiny ops 20x.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def engines_dir(tmp_path_factory):
+    return build_engines(None, tmp_path_factory.mktemp("runners") / "engines", "fp32", progress=False)
+
+
+def ort_has_cuda() -> bool:
+    import onnxruntime
+
+    return torch.cuda.is_available() and "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+RUNNERS = ["torch", "onnxruntime",
+           pytest.param("torch-cuda", marks=requires_cuda),
+           pytest.param("onnxruntime-cuda", marks=pytest.mark.skipif(not ort_has_cuda(), reason="needs onnxruntime-gpu")),
+           pytest.param("tensorrt", marks=pytest.mark.skipif(
+               not torch.cuda.is_available() or importlib.util.find_spec("tensorrt") is None, reason="needs TensorRT"))]
+
+
+@pytest.fixture(scope="module", params=RUNNERS)
+def runner(request, engines_dir, tmp_path_factory):
+    if request.param.startswith("torch"):
+        runner = TorchRunner(llada_v.SHIPPED_MODEL_DIR, device="cuda" if request.param == "torch-cuda" else "cpu")
+    elif request.param.startswith("onnxruntime"):
+        runner = OnnxRuntimeRunner(engines_dir, device="cuda" if request.param == "onnxruntime-cuda" else "cpu")
+    else:
+        from runtime.trt_runner import TensorRTRunner
+
+        plans = build_engines(None, tmp_path_factory.mktemp("plans") / "engines", "fp32", backend="tensorrt",
+                              progress=False)
+        runner = TensorRTRunner(plans)
+    with runner:
+        yield runner
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return TorchRunner(llada_v.SHIPPED_MODEL_DIR).activate()
+
+
+def tolerance(runner) -> dict:
+    # GPU matmuls may use TF32 and other reduction orders.
+    return dict(atol=1e-4, rtol=1e-4) if runner.device.type == "cpu" else dict(atol=1e-2, rtol=1e-2)
+
+
+def denoiser_inputs(runner, batch=2, length=12):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, runner.config.language.vocab_size, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.int64)
+    mask[1, :3] = 0  # left padding
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    return runner.embed(ids.to(runner.device)), positions.to(runner.device), mask.to(runner.device)
+
+
+def arange(n, runner, rows=2, start=0):
+    return torch.arange(start, start + n, device=runner.device).expand(rows, n)
+
+
+def test_parts_have_the_documented_shapes_and_dtypes(runner):
+    cfg = runner.config
+    v, lm = cfg.vision, cfg.language
+    pixels = torch.randn(3, 3, v.image_size, v.image_size, generator=torch.Generator().manual_seed(1))
+    features = runner.vision(pixels.to(runner.device))
+    assert features.shape == (3, v.tokens_per_tile, v.hidden_size) and features.dtype == runner.dtype
+    embeddings = runner.projector(features)
+    assert embeddings.shape == (3, v.tokens_per_tile, lm.hidden_size) and embeddings.dtype == runner.dtype
+    assert runner.image_newline.shape == (lm.hidden_size,)
+
+    embeds, positions, mask = denoiser_inputs(runner)
+    logits_index = torch.tensor([[4, 5, 6], [9, 10, 11]], device=runner.device)
+    logits, keys, values = runner.denoise_full(embeds, positions, mask, logits_index)
+    assert logits.shape == (2, 3, lm.vocab_size) and logits.dtype == torch.float32
+    assert keys.shape == values.shape == (lm.num_hidden_layers, 2, lm.num_attention_heads, 12, lm.head_dim)
+    assert logits.device == keys.device == features.device == runner.device
+
+
+def test_parts_match_the_torch_reference(runner, reference):
+    v = runner.config.vision
+    pixels = torch.randn(2, 3, v.image_size, v.image_size, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(runner.projector(runner.vision(pixels.to(runner.device))).cpu(),
+                               reference.projector(reference.vision(pixels)), **tolerance(runner))
+    embeds, positions, mask = denoiser_inputs(runner)
+    ours = runner.denoise_full(embeds, positions, mask, arange(12, runner))
+    theirs = reference.denoise_full(embeds.cpu(), positions.cpu(), mask.cpu(), torch.arange(12).expand(2, 12))
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.cpu(), b, **tolerance(runner))
+
+
+def test_cached_pass_on_a_fresh_cache_equals_the_full_pass(runner):
+    """Right after a refresh the cache holds exactly the full pass's K/V, so the block's cached logits
+    (dual: the block against the rest of the cache) equal the full pass's logits of the block."""
+    embeds, positions, mask = denoiser_inputs(runner)
+    full_logits, keys, values = runner.denoise_full(embeds, positions, mask, arange(4, runner, start=6))
+    past_mask = mask.clone()
+    past_mask[:, 6:10] = 0
+    cached = runner.denoise_cached(embeds[:, 6:10], positions[:, 6:10], mask[:, 6:10], arange(4, runner),
+                                   keys.clone(), values.clone(), past_mask, 6)
+    torch.testing.assert_close(cached, full_logits, **tolerance(runner))
+
+
+def test_inputs_are_checked(runner):
+    embeds, positions, mask = denoiser_inputs(runner)
+    index = torch.zeros(2, 1, dtype=torch.int64, device=runner.device)
+    with pytest.raises(ValueError, match=rf"{runner.name} \| position_ids: received int32 \[2, 12\].*expected int64"):
+        runner.denoise_full(embeds, positions.int(), mask, index)
+    with pytest.raises(ValueError, match=r"inputs_embeds: received float64"):
+        runner.denoise_full(embeds.double(), positions, mask, index)
+    with pytest.raises(ValueError, match=r"attention_mask: received int64 \[2, 11\]"):
+        runner.denoise_full(embeds, positions, mask[:, 1:], index)
+    with pytest.raises(ValueError, match=r"pixel_values: received float32 \[1, 3, 32, 32\]"):
+        runner.vision(torch.zeros(1, 3, 32, 32, device=runner.device))
+
+
+def test_runner_must_be_activated(engines_dir):
+    runner = OnnxRuntimeRunner(engines_dir)
+    with pytest.raises(RuntimeError, match="onnxruntime \\| must be activated before calling embed"):
+        runner.embed(torch.zeros(1, dtype=torch.int64))
+
+
+def test_fused_cached_pass_matches_the_module_forward(tmp_path):
+    """The GPU path of the torch runner (slot writes + triton_kernels.attention), run here through the
+    kernels' PyTorch reference on a model whose head dim the kernel supports."""
+    lm = llada_v.LanguageConfig(vocab_size=425, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=4, rope_theta=10000.0,
+                                max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = llada_v.LladaV(llada_v.LladaVConfig(language=lm, vision=None))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.05)
+    llada_v.save_model(model, tmp_path, tokenizer_folder=llada_v.SHIPPED_MODEL_DIR)
+    plain, fused = TorchRunner(tmp_path, fused_cache=False).activate(), TorchRunner(tmp_path, fused_cache=True).activate()
+    embeds, positions, mask = denoiser_inputs(plain, length=16)
+    _, keys, values = plain.denoise_full(embeds, positions, mask, torch.zeros(2, 1, dtype=torch.int64))
+    for start, end in ((8, 12), (8, 16)):  # dual: the block; prefix: the block and what follows
+        past_mask = mask.clone()
+        past_mask[:, start:end] = 0
+        args = (embeds[:, start:end], positions[:, start:end], mask[:, start:end],
+                torch.arange(4).expand(2, 4))
+        expected = plain.denoise_cached(*args, keys.clone(), values.clone(), past_mask, start)
+        got = fused.denoise_cached(*args, keys.clone(), values.clone(), past_mask, start)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_cache_needs_a_supported_head_dim():
+    with pytest.raises(ValueError, match="fused_cache=True needs a head dim in"):
+        TorchRunner(llada_v.SHIPPED_MODEL_DIR, fused_cache=True).activate()
+
+
+# ---- loading errors ------------------------------------------------------------------------------------
+
+def copy_engines(engines_dir, tmp_path):
+    return shutil.copytree(engines_dir, tmp_path / "engines")
+
+
+def test_missing_engines_folder(tmp_path):
+    with pytest.raises(ValueError, match="engines folder .* does not exist"):
+        Pipeline.load(tmp_path / "nowhere", backend="onnxruntime")
+
+
+def test_folder_without_manifest(engines_dir, tmp_path):
+    folder = copy_engines(engines_dir, tmp_path)
+    (folder / "manifest.json").unlink()
+    with pytest.raises(ValueError, match="has no manifest.json"):
+        Pipeline.load(folder, backend="onnxruntime")
+
+
+def test_half_written_folder(engines_dir, tmp_path):
+    folder = copy_engines(engines_dir, tmp_path)
+    (folder / "denoiser_cached.onnx").unlink()
+    with pytest.raises(ValueError, match="is incomplete: missing denoiser_cached.onnx"):
+        Pipeline.load(folder, backend="onnxruntime")
+
+
+def test_other_format_version(engines_dir, tmp_path):
+    folder = copy_engines(engines_dir, tmp_path)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["format_version"] = 2
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="format_version 2, this runtime reads version 1"):
+        Pipeline.load(folder, backend="onnxruntime")
+
+
+def test_unknown_backend(engines_dir):
+    with pytest.raises(ValueError, match="unknown backend 'onnx': use one of onnxruntime, tensorrt, torch"):
+        Pipeline.load(engines_dir, backend="onnx")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without a GPU")
+def test_gpu_backends_fail_clearly_without_a_gpu(engines_dir):
+    with pytest.raises(ValueError, match="tensorrt.*needs an NVIDIA GPU"):
+        Pipeline.load(engines_dir, backend="tensorrt")
+    with pytest.raises(ValueError, match="onnxruntime.*needs an NVIDIA GPU"):
+        Pipeline.load(engines_dir, backend="onnxruntime", device="cuda")
+    with pytest.raises(ValueError, match="torch.*needs an NVIDIA GPU"):
+        Pipeline.load(llada_v.SHIPPED_MODEL_DIR, backend="torch", device="cuda")
+    with pytest.raises(ValueError, match=r"providers \['CUDAExecutionProvider'\] run on a GPU"):
+        Pipeline.load(engines_dir, backend="onnxruntime", providers=["CUDAExecutionProvider"])
+
+
+def test_gpu_provider_that_does_not_load_is_an_error(engines_dir, monkeypatch):
+    """ONNX Runtime falls back to the CPU silently when a GPU provider fails; the runner must not."""
+    import onnxruntime as ort
+
+    runner = OnnxRuntimeRunner(engines_dir)
+    runner.providers = ["CUDAExecutionProvider"]  # as if device="cuda" had been accepted
+    runner._provider_options = lambda provider: {}
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    real_session = ort.InferenceSession
+    monkeypatch.setattr(ort, "InferenceSession",
+                        lambda path, providers: real_session(path, providers=["CPUExecutionProvider"]))
+    with pytest.raises(ValueError, match=r"could not load provider\(s\) \['CUDAExecutionProvider'\]"):
+        runner.activate()
+
+
+def test_torch_backend_wants_a_checkpoint_folder(engines_dir):
+    with pytest.raises(ValueError, match="is an engines folder: the torch backend loads a checkpoint folder"):
+        Pipeline.load(engines_dir, backend="torch")
