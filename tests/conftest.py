@@ -38,3 +38,20 @@ def reference_dir() -> Path:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    # On 2 shared cores torch's OpenMP threads spin-wait and slow the tests' tiny ops about 20x.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def engines_dir(tmp_path_factory):
+    """fp32 engines of the shipped model, built once per test session."""
+    from exporter.build import build_engines
+
+    return build_engines(None, tmp_path_factory.mktemp("engines") / "fp32", "fp32", progress=False)

@@ -15,15 +15,6 @@ from runtime.torch_runner import TorchRunner
 PROMPTS = ["What colour is the square?", "How many shapes are there? Answer with one word."]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # The test machine's 2 cores are shared; torch's OpenMP threads then spin-wait and slow tiny ops 20x.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def torch_pipe():
     return Pipeline.load(llada_v.SHIPPED_MODEL_DIR, backend="torch")

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from PIL import Image
 
 import llada_v
-from exporter.build import build_engines
 from llada_v import IMAGE_TOKEN_INDEX, SpecialTokens, conversation_ids, load_tokenizer
 from llada_v.image_processing import merge_tile_embeddings, preprocess
 from runtime import GenerationConfig, Pipeline, Request, Runner
@@ -19,20 +18,6 @@ from runtime.decoding import Batch
 from runtime.prompt import as_request
 
 SHIPPED = llada_v.SHIPPED_MODEL_DIR
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # The test machine's 2 cores are shared; torch's OpenMP threads then spin-wait and slow tiny ops 20x.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def engines_dir(tmp_path_factory):
-    return build_engines(None, tmp_path_factory.mktemp("pipeline") / "engines", "fp32", progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -14,20 +14,6 @@ from runtime.ort_runner import OnnxRuntimeRunner
 from runtime.torch_runner import TorchRunner
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # The test machine's 2 cores are shared; torch's OpenMP threads then spin-wait and slow tiny ops 20x.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def engines_dir(tmp_path_factory):
-    return build_engines(None, tmp_path_factory.mktemp("runners") / "engines", "fp32", progress=False)
-
-
 def ort_has_cuda() -> bool:
     import onnxruntime
 
