@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
@@ -17,6 +17,9 @@ from .config import GenerationConfig
 from .decoding import Batch, Decoder, StageTimer
 from .prompt import ImageLike, Request, as_request, encode_images, prompt_embeddings, request_ids, tile_images
 from .runner import Runner
+
+if TYPE_CHECKING:
+    from .chat import Conversation
 
 BACKENDS = ("onnxruntime", "tensorrt", "torch")
 
