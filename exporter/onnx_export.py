@@ -16,9 +16,11 @@ Optimum (`optimum.exporters.onnx`, checked in optimum 2.1 / optimum-onnx 0.1): n
 `export`/`export_pytorch` expect a transformers `PreTrainedModel` (it sets `model.config.return_dict`
 and applies `OnnxConfig.values_override` and the model patchers registered per HF model type) and
 build example inputs through `OnnxConfig.generate_dummy_inputs`, whose dummy generators assume
-token ids and per-layer `past_key_values.N.key/value` inputs; our graphs take `inputs_embeds`,
-`logits_index` and past keys/values stacked as [n_layers, B, H, Lc, D], and LLaDA-V is not a
-registered architecture, so an `OnnxConfig` would have to override nearly every method.
+token ids and `past_key_values.N.key/value` inputs; our graphs take `inputs_embeds`, `logits_index`
+and a `past_mask`, and LLaDA-V is not a registered architecture, so an `OnnxConfig` would have to
+override nearly every method. The cache does follow its convention of one input and one output per
+layer (`past_keys.N`, `present_keys.N`, ...): a stacked [n_layers, ...] tensor would make the graph
+split the whole cache into layers (a copy) on every step.
 `validate_model_outputs` checks a single input shape with one absolute `atol` via `np.allclose`
 and needs dict outputs from the reference model; we need several shapes per part, a tolerance
 relative to the output scale for fp16, and the errors recorded in the manifest (see validate.py).
@@ -121,14 +123,17 @@ def part_specs(cfg: LladaVConfig, precision: str) -> dict[str, PartSpec]:
             inputs=(TensorSpec("features", dtype, (tiles, t, cv)),),
             outputs=(TensorSpec("embeddings", dtype, (tiles, t, c)),))
     b, q, p, lc = "batch", "sequence", "positions", "past_sequence"
+
+    def per_layer(name: str, shape: tuple) -> tuple[TensorSpec, ...]:
+        return tuple(TensorSpec(f"{name}.{i}", dtype, shape) for i in range(n_layers))
+
     queries = (TensorSpec("inputs_embeds", dtype, (b, q, c)), TensorSpec("position_ids", "int64", (b, q)),
                TensorSpec("attention_mask", "int64", (b, q)), TensorSpec("logits_index", "int64", (b, p)))
     outputs = (TensorSpec("logits", "float32", (b, p, v)),
-               TensorSpec("present_keys", dtype, (n_layers, b, h, q, d)),
-               TensorSpec("present_values", dtype, (n_layers, b, h, q, d)))
+               *per_layer("present_keys", (b, h, q, d)), *per_layer("present_values", (b, h, q, d)))
     specs["denoiser_full"] = PartSpec("denoiser_full", inputs=queries, outputs=outputs)
-    past = (TensorSpec("past_keys", dtype, (n_layers, b, h, lc, d)),
-            TensorSpec("past_values", dtype, (n_layers, b, h, lc, d)), TensorSpec("past_mask", "int64", (b, lc)))
+    past = (*per_layer("past_keys", (b, h, lc, d)), *per_layer("past_values", (b, h, lc, d)),
+            TensorSpec("past_mask", "int64", (b, lc)))
     specs["denoiser_cached"] = PartSpec("denoiser_cached", inputs=queries + past, outputs=outputs)
     return specs
 

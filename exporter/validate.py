@@ -129,7 +129,7 @@ def validate_part(onnx_path, spec: PartSpec, reference: LladaV, precision: str) 
             ref_outputs = graph(*(_as_reference(inputs[name]) for name in spec.input_names))
         if isinstance(ref_outputs, torch.Tensor):
             ref_outputs = (ref_outputs,)
-        for out, got, want in zip(spec.outputs, onnx_outputs, ref_outputs):
+        for out, got, want in zip(spec.outputs, onnx_outputs, ref_outputs, strict=True):
             want = want.numpy()
             if got.shape != want.shape:
                 raise ValidationError(f"{spec.name}: output {out.name} has shape {got.shape} at {dims}, "
@@ -190,8 +190,9 @@ def _denoiser_inputs(dims: dict[str, int], reference: LladaV, rng: np.random.Gen
         ones = torch.ones(b, lc, dtype=torch.int64)
         with torch.no_grad():
             _, keys, vals = reference.denoiser(past_embeds, positions, ones, torch.zeros(b, 1, dtype=torch.int64))
-        values.update(past_keys=keys.numpy(), past_values=vals.numpy(),
-                      past_mask=(rng.uniform(size=(b, lc)) > 0.2).astype(np.int64))
+        for i, (k, v) in enumerate(zip(keys, vals)):
+            values[f"past_keys.{i}"], values[f"past_values.{i}"] = k.numpy(), v.numpy()
+        values["past_mask"] = (rng.uniform(size=(b, lc)) > 0.2).astype(np.int64)
     return values
 
 

@@ -43,7 +43,8 @@ class DenoiserFullGraph(nn.Module):
 
     inputs_embeds dtype [batch, sequence, C], position_ids / attention_mask int64 [batch, sequence],
     logits_index int64 [batch, positions]
-    -> logits float32 [batch, positions, V], present_keys / present_values dtype [n_layers, batch, H, sequence, D].
+    -> logits float32 [batch, positions, V], present_keys.0 .. present_keys.{n-1}, present_values.0 ..
+    present_values.{n-1} dtype [batch, H, sequence, D].
     """
 
     def __init__(self, model: LladaV):
@@ -51,25 +52,28 @@ class DenoiserFullGraph(nn.Module):
         self.denoiser = model.denoiser
 
     def forward(self, inputs_embeds, position_ids, attention_mask, logits_index):
-        return self.denoiser(inputs_embeds, position_ids, attention_mask, logits_index)
+        logits, keys, values = self.denoiser(inputs_embeds, position_ids, attention_mask, logits_index)
+        return logits, *keys, *values
 
 
 class DenoiserCachedGraph(nn.Module):
     """The cached pass: the queries attend to the cache (where past_mask is 1) and to themselves.
 
     inputs_embeds dtype [batch, sequence, C], position_ids / attention_mask int64 [batch, sequence],
-    logits_index int64 [batch, positions], past_keys / past_values dtype [n_layers, batch, H, past_sequence, D],
-    past_mask int64 [batch, past_sequence]
-    -> logits float32 [batch, positions, V], present_keys / present_values dtype [n_layers, batch, H, sequence, D].
+    logits_index int64 [batch, positions], then `past`: past_keys.0 .. past_keys.{n-1}, past_values.0 ..
+    past_values.{n-1} dtype [batch, H, past_sequence, D] and past_mask int64 [batch, past_sequence]
+    -> the outputs of DenoiserFullGraph, with the queries' keys/values.
     """
 
     def __init__(self, model: LladaV):
         super().__init__()
         self.denoiser = model.denoiser
 
-    def forward(self, inputs_embeds, position_ids, attention_mask, logits_index, past_keys, past_values, past_mask):
-        return self.denoiser(inputs_embeds, position_ids, attention_mask, logits_index,
-                             past_keys=past_keys, past_values=past_values, past_mask=past_mask)
+    def forward(self, inputs_embeds, position_ids, attention_mask, logits_index, *past):
+        n = len(self.denoiser.layers)
+        logits, keys, values = self.denoiser(inputs_embeds, position_ids, attention_mask, logits_index,
+                                             past_keys=past[:n], past_values=past[n:2 * n], past_mask=past[2 * n])
+        return logits, *keys, *values
 
 
 GRAPHS: dict[str, type[nn.Module]] = {

@@ -40,7 +40,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     xf = x.float()
     half = xf.shape[-1] // 2
     rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)  # LLaMA's rotate_half
-    return (xf * cos + rotated * sin).to(x.dtype)
+    out = xf * cos + rotated * sin
+    # A no-op Cast in an fp32 graph would copy the keys: ONNX Runtime cannot drop one that writes a graph output.
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -58,12 +60,19 @@ class Attention(nn.Module):
         q, k, v = (proj(x).view(b, q_len, self.num_heads, self.head_dim).transpose(1, 2)
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        keys = k if past_k is None else torch.cat((past_k, k), dim=2)
-        values = v if past_v is None else torch.cat((past_v, v), dim=2)
-        scores = (q @ keys.transpose(-1, -2)).float() * self.head_dim**-0.5 + key_bias
-        probs = scores.softmax(dim=-1).to(values.dtype)
-        out = (probs @ values).transpose(1, 2).reshape(b, q_len, c)
-        return self.o_proj(out), k, v
+        scale = self.head_dim**-0.5
+        scores = (q @ k.transpose(-1, -2)).float() * scale
+        if past_k is not None:
+            # Scores against the cache and against the fresh keys are joined instead of the keys
+            # themselves, so the cache [B, H, Lc, D] is read in place, never copied.
+            scores = torch.cat(((q @ past_k.transpose(-1, -2)).float() * scale, scores), dim=-1)
+        probs = (scores + key_bias).softmax(dim=-1).to(v.dtype)
+        if past_v is None:
+            out = probs @ v
+        else:
+            past_len = past_k.shape[2]
+            out = probs[..., :past_len] @ past_v + probs[..., past_len:] @ v
+        return self.o_proj(out.transpose(1, 2).reshape(b, q_len, c)), k, v
 
 
 class MLP(nn.Module):
@@ -105,9 +114,10 @@ class Denoiser(nn.Module):
         """Logits at the asked positions, and the queries' keys/values of every layer.
 
         inputs_embeds [B, Q, C]; position_ids [B, Q]; attention_mask [B, Q] (1 = real position);
-        logits_index [B, P] (indices into Q); past_keys/past_values [n_layers, B, H, Lc, D] and
-        past_mask [B, Lc] (1 = attend) for the cached pass, or None for the full pass.
-        Returns logits [B, P, V] fp32, present_keys/present_values [n_layers, B, H, Q, D].
+        logits_index [B, P] (indices into Q); past_keys/past_values: per layer [B, H, Lc, D] (a stacked
+        [n_layers, B, H, Lc, D] tensor or a sequence of tensors) and past_mask [B, Lc] (1 = attend) for
+        the cached pass, or None for the full pass.
+        Returns logits [B, P, V] fp32, present_keys/present_values: tuples of n_layers [B, H, Q, D].
         """
         key_mask = attention_mask if past_mask is None else torch.cat((past_mask, attention_mask), dim=1)
         key_bias = torch.where(key_mask[:, None, None, :].bool(), 0.0, MASKED_SCORE)
@@ -122,4 +132,4 @@ class Denoiser(nn.Module):
             values.append(v)
         index = logits_index[..., None].expand(-1, -1, x.shape[-1])
         hidden = self.norm(torch.gather(x, 1, index))
-        return self.lm_head(hidden).float(), torch.stack(keys), torch.stack(values)
+        return self.lm_head(hidden).float(), tuple(keys), tuple(values)

@@ -134,10 +134,15 @@ class Decoder:
     def _full_forward(self, rows: list[int]) -> tuple[list[int], torch.Tensor]:
         """The whole sequence; logits for each row's current block; its K/V refresh the cache."""
         starts = torch.tensor([self._block_start(self.rows[r].block) for r in rows], device=self.runner.device)
+        index = self.batch.rows_index(rows)
+        # When every row refreshes, the runner writes the presents straight into the cache's buffers.
+        in_place = self.cache is not None and index is None
+        buffers = (self.cache.keys, self.cache.values) if in_place else ()
         with self.timer("full_forward"):
-            logits, keys, values = self.runner.denoise_full(*self.batch.select(rows), starts[:, None] + self.offsets)
-            if self.cache is not None:
-                self.cache.update(keys, values, self.batch.rows_index(rows))
+            logits, keys, values = self.runner.denoise_full(*self.batch.select(rows), starts[:, None] + self.offsets,
+                                                            *buffers)
+            if self.cache is not None and not in_place:
+                self.cache.update(keys, values, index)
         self.counts["full_forwards"] += 1
         return rows, logits
 

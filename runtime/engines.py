@@ -10,7 +10,7 @@ import torch
 
 from llada_v import CheckpointError, LladaVConfig
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 BUILD_HINT = "rebuild it with `python -m exporter build --out DIR`"
 

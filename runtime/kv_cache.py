@@ -1,7 +1,8 @@
 """The refresh-interval cache (DESIGN §4): fixed K/V buffers of the whole sequence, written by full forwards.
 
 Allocated once per generate call as [n_layers, B, H, L, D]. A cached step passes the whole buffer and a
-`past_mask` that hides the slots the queries stand for, so no step copies or grows the cache.
+`past_mask` that hides the slots the queries stand for, so no step copies or grows the cache; the engine
+runners bind each layer's slice `buffer[i]` (contiguous) to the graphs' per-layer cache tensors.
 """
 
 from __future__ import annotations
@@ -27,14 +28,11 @@ class KVCache:
         """At the start of every block (step 0) and at every multiple of the refresh interval."""
         return step_in_block % self.refresh_interval == 0
 
-    def update(self, present_keys: torch.Tensor, present_values: torch.Tensor, rows: torch.Tensor | None = None):
-        """Copy a full forward's presents [n_layers, b, H, L, D] into the buffers (into `rows` when b < B)."""
-        if rows is None:
-            self.keys.copy_(present_keys)
-            self.values.copy_(present_values)
-        else:
-            self.keys.index_copy_(1, rows, present_keys)
-            self.values.index_copy_(1, rows, present_values)
+    def update(self, present_keys: torch.Tensor, present_values: torch.Tensor, rows: torch.Tensor):
+        """Copy the presents [n_layers, b, H, L, D] of a full forward over some rows into those rows (a full
+        forward over every row is given the buffers themselves to write)."""
+        self.keys.index_copy_(1, rows, present_keys)
+        self.values.index_copy_(1, rows, present_values)
 
     def buffers(self, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if rows is None:

@@ -2,6 +2,8 @@
 
 Inputs and outputs are torch tensors bound by pointer (IO binding), so on CUDA they stay on the GPU
 between parts and steps; outputs are preallocated torch tensors of the shapes docs/engines.md gives.
+The graphs' per-layer cache tensors are bound to the layers of the runtime's stacked buffers: a cached
+step reads the cache in place, and a full forward over every row writes it in place.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import numpy as np
 import torch
 
 from .engines import open_engines
-from .runner import Runner, resolve_device
+from .runner import Runner, per_layer, resolve_device
 
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
@@ -110,20 +112,19 @@ class OnnxRuntimeRunner(Runner):
         b, p = logits_index.shape
         return self._empty((b, p, self.config.language.vocab_size), torch.float32)
 
-    def _denoise_full_impl(self, inputs_embeds, position_ids, attention_mask, logits_index):
-        lm = self.config.language
-        b, length = inputs_embeds.shape[:2]
-        kv_shape = (lm.num_hidden_layers, b, lm.num_attention_heads, length, lm.head_dim)
-        outputs = {"logits": self._logits(logits_index), "present_keys": self._empty(kv_shape),
-                   "present_values": self._empty(kv_shape)}
+    def _denoise_full_impl(self, inputs_embeds, position_ids, attention_mask, logits_index,
+                           present_keys, present_values):
+        logits = self._logits(logits_index)
+        outputs = {"logits": logits, **per_layer("present_keys", present_keys),
+                   **per_layer("present_values", present_values)}
         self._run("denoiser_full", self._denoiser_inputs(inputs_embeds, position_ids, attention_mask, logits_index),
                   outputs)
-        return outputs["logits"], outputs["present_keys"], outputs["present_values"]
+        return logits
 
     def _denoise_cached_impl(self, inputs_embeds, position_ids, attention_mask, logits_index,
                              past_keys, past_values, past_mask, query_start):
         inputs = self._denoiser_inputs(inputs_embeds, position_ids, attention_mask, logits_index)
-        inputs.update(past_keys=past_keys.contiguous(), past_values=past_values.contiguous(),
+        inputs.update(per_layer("past_keys", past_keys), **per_layer("past_values", past_values),
                       past_mask=past_mask.contiguous())
         logits = self._logits(logits_index)
         self._run("denoiser_cached", inputs, {"logits": logits})  # the queries' presents are not needed

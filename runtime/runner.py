@@ -78,11 +78,27 @@ class Runner:
         self._check("features", features, self.dtype, (None, v.tokens_per_tile, v.hidden_size))
         return self._projector_impl(features)
 
-    def denoise_full(self, inputs_embeds, position_ids, attention_mask, logits_index):
-        """The full pass: logits float32 [B, P, V], present_keys, present_values [n_layers, B, H, L, D]."""
+    def denoise_full(self, inputs_embeds, position_ids, attention_mask, logits_index,
+                     present_keys=None, present_values=None):
+        """The full pass: logits float32 [B, P, V], present_keys, present_values [n_layers, B, H, L, D].
+
+        present_keys/present_values: contiguous buffers of that shape (a KV cache's) to write the
+        presents into, or None for new ones; either way they are what is returned.
+        """
         self._check_active("denoise_full")
-        self._check_denoiser_inputs(inputs_embeds, position_ids, attention_mask, logits_index)
-        return self._denoise_full_impl(inputs_embeds, position_ids, attention_mask, logits_index)
+        b, length = self._check_denoiser_inputs(inputs_embeds, position_ids, attention_mask, logits_index)
+        lm = self.config.language
+        kv_shape = (lm.num_hidden_layers, b, lm.num_attention_heads, length, lm.head_dim)
+        presents = []
+        for name, buffer in (("present_keys", present_keys), ("present_values", present_values)):
+            if buffer is None:
+                buffer = torch.empty(kv_shape, dtype=self.dtype, device=self.device)
+            self._check(name, buffer, self.dtype, kv_shape)
+            if not buffer.is_contiguous():
+                raise ValueError(f"{self.name} | {name}: the buffer must be contiguous (it is written by pointer)")
+            presents.append(buffer)
+        logits = self._denoise_full_impl(inputs_embeds, position_ids, attention_mask, logits_index, *presents)
+        return logits, *presents
 
     def denoise_cached(self, inputs_embeds, position_ids, attention_mask, logits_index,
                        past_keys, past_values, past_mask, query_start: int) -> torch.Tensor:
@@ -145,12 +161,19 @@ class Runner:
     def _projector_impl(self, features):
         raise NotImplementedError
 
-    def _denoise_full_impl(self, inputs_embeds, position_ids, attention_mask, logits_index):
+    def _denoise_full_impl(self, inputs_embeds, position_ids, attention_mask, logits_index,
+                           present_keys, present_values):
+        """Returns the logits; writes the presents into the given [n_layers, B, H, L, D] buffers."""
         raise NotImplementedError
 
     def _denoise_cached_impl(self, inputs_embeds, position_ids, attention_mask, logits_index,
                              past_keys, past_values, past_mask, query_start):
         raise NotImplementedError
+
+
+def per_layer(name: str, stacked: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The graphs' per-layer cache tensors (`past_keys.0`, ...) as views of a stacked [n_layers, ...] tensor."""
+    return {f"{name}.{i}": layer for i, layer in enumerate(stacked.contiguous())}
 
 
 def dtype_shape(tensor: torch.Tensor) -> str:

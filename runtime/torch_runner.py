@@ -16,8 +16,8 @@ class TorchRunner(Runner):
     """Runs a checkpoint folder (not an engines folder) with PyTorch.
 
     fused_cache: run the cached pass as in-place slot writes + `triton_kernels.attention` (the Triton
-    kernel on CUDA) instead of the module's concatenating forward. None = on CUDA when the kernel
-    supports the head dim and dtype.
+    kernel on CUDA) instead of the module's forward. None = on CUDA when the kernel supports the head
+    dim and dtype.
     """
 
     name = "torch"
@@ -68,8 +68,12 @@ class TorchRunner(Runner):
         return self.model.projector(features)
 
     @torch.inference_mode()
-    def _denoise_full_impl(self, inputs_embeds, position_ids, attention_mask, logits_index):
-        return self.model.denoiser(inputs_embeds, position_ids, attention_mask, logits_index)
+    def _denoise_full_impl(self, inputs_embeds, position_ids, attention_mask, logits_index,
+                           present_keys, present_values):
+        logits, keys, values = self.model.denoiser(inputs_embeds, position_ids, attention_mask, logits_index)
+        torch.stack(keys, out=present_keys)
+        torch.stack(values, out=present_values)
+        return logits
 
     @torch.inference_mode()
     def _denoise_cached_impl(self, inputs_embeds, position_ids, attention_mask, logits_index,
@@ -83,8 +87,7 @@ class TorchRunner(Runner):
     def _cached_in_place(self, x, position_ids, attention_mask, logits_index, past_keys, past_values, past_mask,
                          query_start):
         """Denoiser.forward's cached pass, composed from its modules: each layer writes the queries' fresh
-        K/V into their cache slots and attends over the whole buffer with a key mask, so no per-step
-        concatenation of the cache is made."""
+        K/V into their cache slots and attends over the whole buffer with a key mask in one kernel."""
         import triton_kernels
 
         den = self.model.denoiser

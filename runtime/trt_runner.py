@@ -1,4 +1,8 @@
-"""TensorRT backend: the engines folder's `.plan` files, run on torch's CUDA stream with torch tensors."""
+"""TensorRT backend: the engines folder's `.plan` files, run on torch's CUDA stream with torch tensors.
+
+As in the ONNX Runtime runner, the per-layer cache tensors are addresses of the layers of the runtime's
+stacked buffers, so the cache is read (and, by a full forward over every row, written) in place.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .engines import open_engines
-from .runner import Runner, resolve_device
+from .runner import Runner, per_layer, resolve_device
 
 _TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "INT64": torch.int64, "INT32": torch.int32,
                  "BF16": torch.bfloat16}
@@ -53,8 +57,9 @@ class TensorRTRunner(Runner):
         self.contexts = {}
         self.embed_table = self.image_newline = None
 
-    def _run(self, part: str, inputs: dict) -> dict:
-        """Set shapes and addresses, allocate every output (TensorRT writes them all), run on torch's stream."""
+    def _run(self, part: str, inputs: dict, outputs: dict | None = None) -> dict:
+        """Set shapes and addresses, run on torch's stream. TensorRT writes every output: those not given
+        in `outputs` are allocated."""
         import tensorrt as trt
 
         engine, context = self.contexts[part]
@@ -65,12 +70,13 @@ class TensorRTRunner(Runner):
                 raise ValueError(f"{self.name} | {part}: {name} of shape {list(t.shape)} is outside the engine's "
                                  f"optimization profile (dims {dims}): rebuild the engines for larger sizes")
             context.set_tensor_address(name, t.data_ptr())
-        outputs = {}
+        outputs = dict(outputs or {})
         for i in range(engine.num_io_tensors):
             name = engine.get_tensor_name(i)
             if engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT:
-                dtype = _TORCH_DTYPES[engine.get_tensor_dtype(name).name]
-                outputs[name] = torch.empty(tuple(context.get_tensor_shape(name)), dtype=dtype, device=self.device)
+                if name not in outputs:
+                    dtype = _TORCH_DTYPES[engine.get_tensor_dtype(name).name]
+                    outputs[name] = torch.empty(tuple(context.get_tensor_shape(name)), dtype=dtype, device=self.device)
                 context.set_tensor_address(name, outputs[name].data_ptr())
         if not context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
             raise RuntimeError(f"{self.name} | {part}: TensorRT execution failed (see the TensorRT log above)")
@@ -82,14 +88,17 @@ class TensorRTRunner(Runner):
     def _projector_impl(self, features):
         return self._run("projector", {"features": features})["embeddings"]
 
-    def _denoise_full_impl(self, inputs_embeds, position_ids, attention_mask, logits_index):
-        out = self._run("denoiser_full", {"inputs_embeds": inputs_embeds, "position_ids": position_ids,
-                                          "attention_mask": attention_mask, "logits_index": logits_index})
-        return out["logits"], out["present_keys"], out["present_values"]
+    def _denoise_full_impl(self, inputs_embeds, position_ids, attention_mask, logits_index,
+                           present_keys, present_values):
+        inputs = {"inputs_embeds": inputs_embeds, "position_ids": position_ids, "attention_mask": attention_mask,
+                  "logits_index": logits_index}
+        presents = {**per_layer("present_keys", present_keys), **per_layer("present_values", present_values)}
+        return self._run("denoiser_full", inputs, presents)["logits"]
 
     def _denoise_cached_impl(self, inputs_embeds, position_ids, attention_mask, logits_index,
                              past_keys, past_values, past_mask, query_start):
         return self._run("denoiser_cached", {"inputs_embeds": inputs_embeds, "position_ids": position_ids,
                                              "attention_mask": attention_mask, "logits_index": logits_index,
-                                             "past_keys": past_keys, "past_values": past_values,
+                                             **per_layer("past_keys", past_keys),
+                                             **per_layer("past_values", past_values),
                                              "past_mask": past_mask})["logits"]

@@ -47,11 +47,10 @@ def test_refresh_at_block_start_and_every_interval():
 def test_update_writes_rows_in_place():
     cache = KVCache("prefix", 2, (2, 3, 1, 5, 2), torch.float32, torch.device("cpu"))
     keys_ptr = cache.keys.data_ptr()
-    cache.update(torch.ones(2, 3, 1, 5, 2), torch.ones(2, 3, 1, 5, 2))
-    cache.update(torch.full((2, 1, 1, 5, 2), 7.0), torch.full((2, 1, 1, 5, 2), 8.0), torch.tensor([1]))
+    cache.update(torch.full((2, 2, 1, 5, 2), 7.0), torch.full((2, 2, 1, 5, 2), 8.0), torch.tensor([0, 2]))
     assert cache.keys.data_ptr() == keys_ptr
-    assert cache.keys[:, 1].eq(7).all() and cache.values[:, 1].eq(8).all()
-    assert cache.keys[:, [0, 2]].eq(1).all()
+    assert cache.keys[:, [0, 2]].eq(7).all() and cache.values[:, [0, 2]].eq(8).all()
+    assert cache.keys[:, 1].eq(0).all() and cache.values[:, 1].eq(0).all()
 
 
 @pytest.mark.parametrize("mode, expected_end", [("dual", 6), ("prefix", 10)])
@@ -94,14 +93,17 @@ class SpyRunner(TorchRunner):
         super().__init__(*args, **kwargs)
         self.calls = []
 
-    def _denoise_full_impl(self, inputs_embeds, position_ids, attention_mask, logits_index):
-        self.calls.append(("full", inputs_embeds.shape[1], logits_index.clone()))
-        return super()._denoise_full_impl(inputs_embeds, position_ids, attention_mask, logits_index)
+    def _denoise_full_impl(self, inputs_embeds, position_ids, attention_mask, logits_index,
+                           present_keys, present_values):
+        self.calls.append(("full", inputs_embeds.shape[1], logits_index.clone(), present_keys.data_ptr(),
+                           present_values.data_ptr()))
+        return super()._denoise_full_impl(inputs_embeds, position_ids, attention_mask, logits_index,
+                                          present_keys, present_values)
 
     def _denoise_cached_impl(self, inputs_embeds, position_ids, attention_mask, logits_index,
                              past_keys, past_values, past_mask, query_start):
         self.calls.append(("cached", inputs_embeds.shape[1], past_keys.data_ptr(), tuple(past_keys.shape),
-                           past_mask.clone(), query_start))
+                           past_mask.clone(), query_start, past_values.data_ptr()))
         return super()._denoise_cached_impl(inputs_embeds, position_ids, attention_mask, logits_index,
                                             past_keys, past_values, past_mask, query_start)
 
@@ -133,12 +135,15 @@ def test_cached_steps_reuse_one_buffer_and_hide_the_queries(no_eot_model_dir, mo
     cached = [c for c in runner.calls if c[0] == "cached"]
     assert len(cached) == result.stats["cached_forwards"] > 0
     assert len({c[2] for c in cached}) == 1  # the same preallocated buffer every time
-    for _, queries, _, shape, past_mask, query_start in cached:
+    # with one row every refresh writes its presents straight into that buffer
+    full = [c for c in runner.calls if c[0] == "full"]
+    assert {(c[3], c[4]) for c in full} == {(c[2], c[6]) for c in cached}
+    for _, queries, _, shape, past_mask, query_start, _ in cached:
         assert shape[3] == total
         block_end = query_start + cfg.block_length
         assert (query_start - gen_start) % cfg.block_length == 0
         assert queries == (cfg.block_length if mode == "dual" else total - query_start)
         hidden = torch.nonzero(past_mask[0] == 0).flatten().tolist()
         assert hidden == list(range(query_start, block_end if mode == "dual" else total))
-    for kind, length, logits_index in (c for c in runner.calls if c[0] == "full"):
+    for kind, length, logits_index, *_ in full:
         assert length == total and logits_index.shape == (1, cfg.block_length)  # logits for the block only

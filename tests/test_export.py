@@ -92,7 +92,11 @@ def test_cached_denoiser_reproduces_the_full_pass_from_its_own_cache(engines, re
     full = open_session(engines[precision] / "denoiser_full.onnx")
     cached = open_session(engines[precision] / "denoiser_cached.onnx")
     x = _full_pass_inputs(reference, precision)
-    logits, keys, values = full.run(None, x)
+    n_layers = reference.config.language.num_hidden_layers
+    logits, *presents = full.run(None, x)
+    assert [o.name for o in full.get_outputs()] == ["logits", *(f"present_keys.{i}" for i in range(n_layers)),
+                                                    *(f"present_values.{i}" for i in range(n_layers))]
+    keys, values = presents[:n_layers], presents[n_layers:]
     length = x["attention_mask"].shape[1]
     tol = REL_TOL[precision] * np.abs(logits).max()
 
@@ -100,21 +104,24 @@ def test_cached_denoiser_reproduces_the_full_pass_from_its_own_cache(engines, re
         q = {name: x[name][:, start:stop] for name in ("inputs_embeds", "position_ids", "attention_mask")}
         return {**q, "logits_index": np.tile(np.arange(stop - start), (len(logits), 1))}
 
+    def past(cache_slots):
+        return {**{f"past_keys.{i}": k[..., cache_slots, :] for i, k in enumerate(keys)},
+                **{f"past_values.{i}": v[..., cache_slots, :] for i, v in enumerate(values)}}
+
     # prefix cache: the last 5 positions attend to the first length-5 positions' cached K/V
     prefix = length - 5
-    got, new_keys, _ = cached.run(None, {**queries(prefix, length), "past_keys": keys[..., :prefix, :],
-                                         "past_values": values[..., :prefix, :],
-                                         "past_mask": x["attention_mask"][:, :prefix]})
+    got, *new_presents = cached.run(None, {**queries(prefix, length), **past(slice(0, prefix)),
+                                           "past_mask": x["attention_mask"][:, :prefix]})
     assert np.abs(got - logits[:, prefix:]).max() <= tol
-    assert np.abs(new_keys.astype(np.float32) - keys[..., prefix:, :].astype(np.float32)).max() <= (
-        REL_TOL[precision] * np.abs(keys.astype(np.float32)).max())
+    for new, old in zip(new_presents, presents, strict=True):  # every layer's keys and values
+        old = old.astype(np.float32)
+        assert np.abs(new.astype(np.float32) - old[..., prefix:, :]).max() <= REL_TOL[precision] * np.abs(old).max()
 
     # dual cache: a middle block against the whole cache, its own slots hidden
     start, stop = 4, 8
     past_mask = x["attention_mask"].copy()
     past_mask[:, start:stop] = 0
-    got, _, _ = cached.run(None, {**queries(start, stop), "past_keys": keys, "past_values": values,
-                                  "past_mask": past_mask})
+    got, *_ = cached.run(None, {**queries(start, stop), **past(slice(None)), "past_mask": past_mask})
     assert np.abs(got - logits[:, start:stop]).max() <= tol
 
 
@@ -123,7 +130,7 @@ def test_manifest_describes_the_folder(engines, reference, precision):
     folder = engines[precision]
     manifest = load_manifest(folder)
     cfg = reference.config
-    assert manifest["format_version"] == 1 and manifest["precision"] == precision
+    assert manifest["format_version"] == 2 and manifest["precision"] == precision
     assert manifest["max_sequence_length"] == cfg.language.max_position_embeddings
     assert manifest["source"]["checkpoint"] == str(llada_v.SHIPPED_MODEL_DIR)
     assert len(manifest["source"]["sha256"]) == 64
@@ -140,7 +147,19 @@ def test_manifest_describes_the_folder(engines, reference, precision):
     dtype = "float16" if precision == "fp16" else "float32"
     io = {e["name"]: e["dtype"] for p in manifest["parts"].values() for e in p["inputs"] + p["outputs"]}
     assert io["pixel_values"] == "float32" and io["logits"] == "float32"
-    assert io["inputs_embeds"] == io["present_keys"] == io["features"] == dtype
+    assert io["inputs_embeds"] == io["features"] == dtype
+    lm = cfg.language
+
+    def per_layer(name, length):
+        return [{"name": f"{name}.{i}", "dtype": dtype, "shape": ["batch", lm.num_attention_heads, length, lm.head_dim]}
+                for i in range(lm.num_hidden_layers)]
+
+    assert manifest["parts"]["denoiser_cached"]["inputs"][4:] == [
+        *per_layer("past_keys", "past_sequence"), *per_layer("past_values", "past_sequence"),
+        {"name": "past_mask", "dtype": "int64", "shape": ["batch", "past_sequence"]}]
+    for part in ("denoiser_full", "denoiser_cached"):
+        assert manifest["parts"][part]["outputs"][1:] == [*per_layer("present_keys", "sequence"),
+                                                          *per_layer("present_values", "sequence")]
 
     embeddings = load_file(folder / manifest["embeddings"])
     assert embeddings["embed_tokens"].shape == (cfg.language.vocab_size, cfg.language.hidden_size)
@@ -248,7 +267,9 @@ def test_tensorrt_profile_comes_from_the_spec_table(engines, reference, tmp_path
     assert (tmp_path / "d.plan").read_bytes() == b"plan" and cache.read_bytes() == b"timed"
     assert fake.network_flags == 1  # strongly typed
     lm, max_len = reference.config.language, reference.config.language.max_position_embeddings
-    assert fake.shapes["past_keys"] == tuple(
-        (lm.num_hidden_layers, r["batch"], lm.num_attention_heads, r["past_sequence"], lm.head_dim)
-        for r in ({d: getattr(ranges[d], level) for d in ranges} for level in ("min", "opt", "max")))
+    assert set(fake.shapes) == set(spec.input_names)
+    for i in range(lm.num_hidden_layers):
+        assert fake.shapes[f"past_keys.{i}"] == fake.shapes[f"past_values.{i}"] == tuple(
+            (r["batch"], lm.num_attention_heads, r["past_sequence"], lm.head_dim)
+            for r in ({d: getattr(ranges[d], level) for d in ranges} for level in ("min", "opt", "max")))
     assert fake.shapes["logits_index"][2] == (ranges["batch"].max, max_len)

@@ -130,15 +130,21 @@ def test_cached_pass_equals_full_pass(shipped_model):
     mask = torch.ones(2, length, dtype=torch.long)
     index = torch.arange(start, length).expand(2, -1)
     full, keys, values = denoiser(embeds, positions, mask, index)
-    # prefix style: the cache holds the positions before `start`
-    prefix, _, _ = denoiser(embeds[:, start:], positions[:, start:], mask[:, start:], index - start,
-                            keys[..., :start, :], values[..., :start, :], mask[:, :start])
-    # dual style: the cache holds every position, the queried ones hidden
+    assert len(keys) == len(values) == len(denoiser.layers)
+    assert keys[0].shape == (2, denoiser.config.num_attention_heads, length, denoiser.config.head_dim)
+    # prefix style: the cache holds the positions before `start`, given per layer
+    prefix, fresh_keys, _ = denoiser(embeds[:, start:], positions[:, start:], mask[:, start:], index - start,
+                                     [k[..., :start, :] for k in keys], [v[..., :start, :] for v in values],
+                                     mask[:, :start])
+    # dual style: the cache holds every position, the queried ones hidden, given stacked
     hidden = mask.clone()
     hidden[:, start:] = 0
-    dual, _, _ = denoiser(embeds[:, start:], positions[:, start:], mask[:, start:], index - start, keys, values, hidden)
+    dual, _, _ = denoiser(embeds[:, start:], positions[:, start:], mask[:, start:], index - start,
+                          torch.stack(keys), torch.stack(values), hidden)
     torch.testing.assert_close(prefix, full, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(dual, full, atol=1e-5, rtol=1e-5)
+    for fresh, whole in zip(fresh_keys, keys):
+        torch.testing.assert_close(fresh, whole[..., start:, :], atol=1e-5, rtol=1e-5)
 
 
 def test_padding_does_not_change_real_positions(shipped_model):
@@ -162,7 +168,7 @@ def test_fp16_model_keeps_statistics_in_fp32(shipped_model):
     args = (torch.arange(1000, 1000 + length)[None], torch.ones(1, length, dtype=torch.long), torch.arange(length)[None])
     ref, _, _ = shipped_model.denoiser(embeds, *args)
     out, keys, _ = half.denoiser(embeds.half(), *args)
-    assert keys.dtype == torch.float16 and out.dtype == torch.float32
+    assert keys[0].dtype == torch.float16 and out.dtype == torch.float32
     assert (out - ref).abs().max() <= 2e-2 * ref.abs().max()
 
 

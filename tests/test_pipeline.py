@@ -221,11 +221,11 @@ class ScriptedRunner(Runner):
             logits[b, p, token] = strength
         return logits
 
-    def _denoise_full_impl(self, inputs_embeds, position_ids, attention_mask, logits_index):
-        lm = self.config.language
-        kv = torch.zeros(lm.num_hidden_layers, len(inputs_embeds), lm.num_attention_heads, inputs_embeds.shape[1],
-                         lm.head_dim)
-        return self._logits(position_ids, logits_index), kv, kv
+    def _denoise_full_impl(self, inputs_embeds, position_ids, attention_mask, logits_index, present_keys,
+                           present_values):
+        present_keys.zero_()
+        present_values.zero_()
+        return self._logits(position_ids, logits_index)
 
     def _denoise_cached_impl(self, inputs_embeds, position_ids, attention_mask, logits_index, *cache_args):
         return self._logits(position_ids, logits_index)

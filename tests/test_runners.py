@@ -109,6 +109,41 @@ def test_cached_pass_on_a_fresh_cache_equals_the_full_pass(runner):
     torch.testing.assert_close(cached, full_logits, **tolerance(runner))
 
 
+def test_full_pass_writes_given_buffers_and_engines_bind_their_layers(runner, monkeypatch):
+    """denoise_full writes the presents into buffers it is given (a KV cache's) and returns them; the
+    engine runners bind layer i of those buffers, and of a cached step's past, by pointer: no copies."""
+    bound = {}
+    if runner.name != "torch":
+        run = runner._run
+
+        def spy(part, inputs, outputs=None):
+            bound[part] = {name: t.data_ptr() for name, t in {**inputs, **(outputs or {})}.items()}
+            return run(part, inputs, outputs)
+
+        monkeypatch.setattr(runner, "_run", spy)
+    lm = runner.config.language
+    embeds, positions, mask = denoiser_inputs(runner)
+    index = arange(4, runner, start=6)
+    shape = (lm.num_hidden_layers, 2, lm.num_attention_heads, 12, lm.head_dim)
+    expected = runner.denoise_full(embeds, positions, mask, index)
+    keys, values = (torch.full(shape, float("nan"), dtype=runner.dtype, device=runner.device) for _ in range(2))
+    logits, got_keys, got_values = runner.denoise_full(embeds, positions, mask, index, keys, values)
+    assert got_keys is keys and got_values is values
+    for got, want in zip((logits, keys, values), expected):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+    past_mask = mask.clone()
+    past_mask[:, 6:10] = 0
+    runner.denoise_cached(embeds[:, 6:10], positions[:, 6:10], mask[:, 6:10], arange(4, runner), keys, values,
+                          past_mask, 6)
+    if runner.name != "torch":
+        for i in range(lm.num_hidden_layers):
+            assert bound["denoiser_full"][f"present_keys.{i}"] == bound["denoiser_cached"][f"past_keys.{i}"] == (
+                keys[i].data_ptr())
+            assert bound["denoiser_full"][f"present_values.{i}"] == bound["denoiser_cached"][f"past_values.{i}"] == (
+                values[i].data_ptr())
+
+
 def test_inputs_are_checked(runner):
     embeds, positions, mask = denoiser_inputs(runner)
     index = torch.zeros(2, 1, dtype=torch.int64, device=runner.device)
@@ -118,6 +153,13 @@ def test_inputs_are_checked(runner):
         runner.denoise_full(embeds.double(), positions, mask, index)
     with pytest.raises(ValueError, match=r"attention_mask: received int64 \[2, 11\]"):
         runner.denoise_full(embeds, positions, mask[:, 1:], index)
+    lm = runner.config.language
+    strided = torch.empty(lm.num_hidden_layers, 2, lm.num_attention_heads, 12, 2 * lm.head_dim, dtype=runner.dtype,
+                          device=runner.device)[..., ::2]
+    with pytest.raises(ValueError, match=r"present_keys: the buffer must be contiguous"):
+        runner.denoise_full(embeds, positions, mask, index, strided, strided.contiguous())
+    with pytest.raises(ValueError, match=r"present_values: received \w+ \[\d+, 2, \d+, 11, \d+\]"):
+        runner.denoise_full(embeds, positions, mask, index, None, strided[..., :11, :].contiguous())
     with pytest.raises(ValueError, match=r"pixel_values: received float32 \[1, 3, 32, 32\]"):
         runner.vision(torch.zeros(1, 3, 32, 32, device=runner.device))
 
@@ -187,9 +229,9 @@ def test_half_written_folder(engines_dir, tmp_path):
 def test_other_format_version(engines_dir, tmp_path):
     folder = copy_engines(engines_dir, tmp_path)
     manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["format_version"] = 2
+    manifest["format_version"] = 1  # stacked cache tensors
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match="format_version 2, this runtime reads version 1"):
+    with pytest.raises(ValueError, match="format_version 1, this runtime reads version 2"):
         Pipeline.load(folder, backend="onnxruntime")
 
 
