@@ -1,21 +1,16 @@
-"""The project's own small LLaDA-V: its tokenizer and a seeded random checkpoint in the real layout.
-
-`python -m llada_v.tiny --out DIR` writes a fresh one. The shipped model (`SHIPPED_MODEL_DIR`) is
-loaded through the same code as a real checkpoint.
+"""Pieces for the project's own small LLaDA-V models: a tokenizer carrying LLaDA's special tokens and
+chat template, and seeded random initialisation (benchmarks/demo_model trains the shipped model from it).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import torch
 
-from .config import tiny_config
 from .model import LladaV
-from .tokenizer import SYSTEM_PROMPT, SpecialTokens
-from .weights import save_model
+from .tokenizer import SpecialTokens
 
 # LLaDA's chat template, as in the released tokenizer_config.json.
 CHAT_TEMPLATE = (
@@ -51,31 +46,14 @@ def build_tokenizer(corpus: list[str], folder: Path, vocab_size: int = 512) -> i
     return tokenizer.get_vocab_size()
 
 
-def random_model(folder: Path, corpus: list[str], seed: int = 0) -> LladaV:
-    """A seeded random tiny LLaDA-V with its tokenizer, saved to `folder`."""
-    vocab = build_tokenizer(corpus, folder)
+def init_weights(model: LladaV, seed: int) -> None:
+    """Seeded random weights: N(0, 0.02) matrices and `image_newline`, zero biases, identity norms."""
     torch.manual_seed(seed)
-    model = LladaV(tiny_config(vocab_size=vocab))
-    for name, p in model.named_parameters():
-        if name.endswith("norm.weight") or "layer_norm" in name and name.endswith("weight"):
-            continue  # norms stay at their identity initialisation
-        torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 or "newline" in name else torch.nn.init.zeros_(p)
-    save_model(model, folder)
-    return model
-
-
-DEFAULT_CORPUS = [SYSTEM_PROMPT, "What colour is the square? What shape is left of the circle? How many shapes are there?",
-                  "red green blue yellow purple orange circle square triangle left right above below one two three four"]
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="write a seeded random tiny LLaDA-V checkpoint")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    random_model(args.out, DEFAULT_CORPUS, args.seed)
-    print(f"wrote {args.out}")
-
-
-if __name__ == "__main__":
-    main()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight") or ("layer_norm" in name and name.endswith("weight")):
+                continue  # norms keep their identity initialisation
+            if param.dim() > 1 or "newline" in name:
+                param.normal_(std=0.02)
+            else:
+                param.zero_()
