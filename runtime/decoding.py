@@ -111,6 +111,10 @@ class Decoder:
         self.answers = batch.tokens.tolist()
 
     def __iter__(self):
+        with torch_threads(self.runner.loop_threads):
+            yield from self._steps()
+
+    def _steps(self):
         width, mask_id = self.cfg.block_length, self.special.mask
         while active := [r for r, row in enumerate(self.rows) if not row.done]:
             for r in active:
@@ -176,6 +180,20 @@ class Decoder:
         self.answers = self.batch.tokens.tolist()
         for r in rows:
             self.rows[r].advance(self.answers[r], cfg, self.special)
+
+
+@contextmanager
+def torch_threads(count: int | None):
+    """torch's intra-op thread count set to `count` inside the block (process-wide), restored after."""
+    if count is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 class StageTimer:

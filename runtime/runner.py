@@ -20,7 +20,8 @@ class Runner:
 
     config: the checkpoint's LladaVConfig; folder: where its tokenizer files are; dtype: the engines'
     float dtype (embeddings, features, K/V); device; max_sequence_length; embed_table [V, C] and
-    image_newline [C] (None for a text-only model).
+    image_newline [C] (None for a text-only model); loop_threads: torch threads for the loop's own
+    small ops between engine calls, or None to leave torch's setting alone.
     """
 
     name = "runner"
@@ -34,6 +35,7 @@ class Runner:
         self.max_sequence_length = 0
         self.embed_table: torch.Tensor | None = None
         self.image_newline: torch.Tensor | None = None
+        self.loop_threads: int | None = None
 
     # ---- lifecycle ------------------------------------------------------------------------------
 

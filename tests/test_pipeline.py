@@ -282,6 +282,19 @@ def test_stream_yields_each_step_and_ends_with_the_answer(ort_pipe):
     assert seen == texts
 
 
+def test_onnxruntime_loop_runs_torch_single_threaded_and_restores_it(ort_pipe):
+    """On CPU the loop's small torch ops share the cores with ONNX Runtime: one torch thread meanwhile."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+        ort_pipe.generate("What colour is the square?", config=GenerationConfig(gen_length=4, block_length=4),
+                          on_step=lambda text: seen.append(torch.get_num_threads()))
+        assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_conversation_keeps_earlier_turns_as_context(ort_pipe):
     cfg = GenerationConfig(gen_length=16, block_length=8, steps=8)
     conversation = ort_pipe.chat(cfg)
