@@ -1,0 +1,63 @@
+"""What the benchmark commands share: requests, pipeline loading, machine facts."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from benchmarks.demo_model.data import load_examples, prompt_text
+from benchmarks.demo_model.evaluate import normalize
+from exporter.manifest import checkpoint_sha256
+from llada_v import SHIPPED_MODEL_DIR
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: str
+    image: Image.Image
+    answer: str | None
+
+    def is_correct(self, text: str) -> bool:
+        return normalize(text) == normalize(self.answer)
+
+
+def load_requests(count: int, with_answers: bool) -> list[Request]:
+    """The first `count` questions of the demo task's held-out split (with their images)."""
+    examples = load_examples("eval", limit=count)
+    return [Request(prompt_text(ex.question), ex.image, ex.answer if with_answers else None) for ex in examples]
+
+
+def load_pipeline(path: Path, backend: str):
+    from runtime import Pipeline
+
+    return Pipeline.load(path, backend=backend)
+
+
+def shipped_engines(engines: Path) -> bool:
+    """Whether an engines folder was built from the shipped model, whose labelled set is the demo task."""
+    manifest = engines / "manifest.json"
+    if not manifest.is_file():
+        return False
+    return json.loads(manifest.read_text()).get("source", {}).get("sha256") == checkpoint_sha256(SHIPPED_MODEL_DIR)
+
+
+def machine_info() -> dict:
+    import onnxruntime
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": f"{cpu} x{os.cpu_count()}", "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}

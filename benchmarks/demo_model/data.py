@@ -1,0 +1,183 @@
+"""A synthetic visual QA task for the shipped demo model, generated deterministically from a seed.
+
+Each example is one image of 1 to 4 flat shapes on a plain background, one question and a one-word
+answer. Objects sit in distinct cells of a coarse layout grid (2 or 3 cells per side, depending on
+the aspect ratio), so "left of" / "above" compare cell columns / rows and are never ambiguous; in a
+scene every object has its own shape and its own colour, so "the square" or "the red shape" names
+exactly one object. Image sizes (48 to 192 px, varied aspect ratios) make the anyres grid pick
+1x1 up to 3x3 tiles of 64 px.
+
+Question types: colour, shape, count, relation (left/right, above/below) and two_step ("What colour
+is the shape left of the square?"). Example `i` of a split depends only on (split, seed, i).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from PIL import Image, ImageDraw
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 70, 230),
+           "yellow": (240, 220, 20), "purple": (150, 40, 190), "orange": (250, 140, 10)}
+SHAPES = ("circle", "square", "triangle", "diamond")
+QUESTION_TYPES = ("colour", "shape", "count", "relation", "two_step")
+SPLITS = ("train", "eval")
+EVAL_SIZE = 200
+# "left of" a cell = a smaller column; "above" = a smaller row.
+DIRECTIONS = {"left of": (-1, 0), "right of": (1, 0), "above": (0, -1), "below": (0, 1)}
+
+
+@dataclass(frozen=True)
+class Shape:
+    shape: str
+    colour: str
+    cell: tuple[int, int]  # (column, row) in the layout grid
+    box: tuple[int, int, int, int]  # (x0, y0, x1, y1) in pixels
+
+
+@dataclass(frozen=True)
+class Scene:
+    size: tuple[int, int]  # (width, height)
+    background: tuple[int, int, int]
+    objects: tuple[Shape, ...]
+
+
+@dataclass(frozen=True)
+class Example:
+    image: Image.Image = field(compare=False)
+    question: str
+    answer: str
+    kind: str  # one of QUESTION_TYPES
+    scene: Scene
+
+
+def _random_size(rng: random.Random) -> tuple[int, int]:
+    if rng.random() < 0.2:  # a single 64 px tile
+        return rng.randint(48, 64), rng.randint(48, 64)
+    width, height = rng.randint(64, 192), rng.randint(64, 192)
+    return width, height
+
+
+def random_scene(rng: random.Random) -> Scene:
+    width, height = _random_size(rng)
+    cols = 3 if width >= 1.5 * height else 2
+    rows = 3 if height >= 1.5 * width else 2
+    cell_w, cell_h = width / cols, height / rows
+    n = rng.randint(1, 4)
+    cells = rng.sample([(c, r) for r in range(rows) for c in range(cols)], n)
+    shapes = rng.sample(SHAPES, n)
+    colours = rng.sample(sorted(COLOURS), n)
+    objects = []
+    for (c, r), shape, colour in zip(cells, shapes, colours):
+        side = rng.uniform(0.55, 0.85) * min(cell_w, cell_h)
+        x0 = c * cell_w + rng.uniform(0, cell_w - side)
+        y0 = r * cell_h + rng.uniform(0, cell_h - side)
+        objects.append(Shape(shape, colour, (c, r), (round(x0), round(y0), round(x0 + side), round(y0 + side))))
+    grey = rng.randint(190, 245)
+    return Scene((width, height), (grey, grey, grey), tuple(objects))
+
+
+def draw(scene: Scene) -> Image.Image:
+    image = Image.new("RGB", scene.size, scene.background)
+    pen = ImageDraw.Draw(image)
+    for obj in scene.objects:
+        x0, y0, x1, y1 = obj.box
+        fill = COLOURS[obj.colour]
+        if obj.shape == "circle":
+            pen.ellipse((x0, y0, x1, y1), fill=fill)
+        elif obj.shape == "square":
+            pen.rectangle((x0, y0, x1, y1), fill=fill)
+        elif obj.shape == "triangle":
+            pen.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+        else:  # diamond
+            xm, ym = (x0 + x1) / 2, (y0 + y1) / 2
+            pen.polygon([(xm, y0), (x1, ym), (xm, y1), (x0, ym)], fill=fill)
+    return image
+
+
+def _name(obj: Shape, rng: random.Random) -> str:
+    """A phrase naming exactly one object of the scene: by its shape or by its colour."""
+    return f"the {obj.shape}" if rng.random() < 0.5 else f"the {obj.colour} shape"
+
+
+def in_direction(scene: Scene, ref: Shape, direction: str) -> list[Shape]:
+    dc, dr = DIRECTIONS[direction]
+    return [o for o in scene.objects if o is not ref
+            and (dc and (o.cell[0] - ref.cell[0]) * dc > 0 or dr and (o.cell[1] - ref.cell[1]) * dr > 0)]
+
+
+def _question(scene: Scene, kind: str, rng: random.Random) -> tuple[str, str] | None:
+    objs = scene.objects
+    if kind == "colour":
+        obj = rng.choice(objs)
+        return f"What colour is the {obj.shape}?", obj.colour
+    if kind == "shape":
+        obj = rng.choice(objs)
+        return f"What shape is the {obj.colour} one?", obj.shape
+    if kind == "count":
+        return "How many shapes are there?", str(len(objs))
+    if kind == "relation":
+        pairs = [(a, b) for a in objs for b in objs if a is not b]
+        if not pairs:
+            return None
+        a, b = rng.choice(pairs)
+        if a.cell[0] != b.cell[0] and (a.cell[1] == b.cell[1] or rng.random() < 0.5):
+            answer = "left" if a.cell[0] < b.cell[0] else "right"
+            return f"Is {_name(a, rng)} left or right of {_name(b, rng)}?", answer
+        answer = "above" if a.cell[1] < b.cell[1] else "below"
+        return f"Is {_name(a, rng)} above or below {_name(b, rng)}?", answer
+    # two_step: find the one object in a direction from a reference object, then ask about it
+    options = [(ref, d) for ref in objs for d in DIRECTIONS if len(in_direction(scene, ref, d)) == 1]
+    if not options:
+        return None
+    ref, direction = rng.choice(options)
+    (target,) = in_direction(scene, ref, direction)
+    if rng.random() < 0.5:
+        return f"What colour is the shape {direction} {_name(ref, rng)}?", target.colour
+    return f"What shape is {direction} {_name(ref, rng)}?", target.shape
+
+
+def make_example(split: str, seed: int, index: int) -> Example:
+    """Example `index` of `split`: a function of (split, seed, index) only."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    rng = random.Random(f"{split}:{seed}:{index}")
+    kind = QUESTION_TYPES[index % len(QUESTION_TYPES)] if split == "eval" else rng.choice(QUESTION_TYPES)
+    while True:  # redraw the scene until the question type has an answer in it
+        scene = random_scene(rng)
+        qa = _question(scene, kind, rng)
+        if qa is not None:
+            return Example(draw(scene), qa[0], qa[1], kind, scene)
+
+
+def load_examples(split: str = "eval", seed: int = 0, limit: int | None = None, start: int = 0) -> list[Example]:
+    """The held-out split is `EVAL_SIZE` examples, balanced over question types."""
+    count = EVAL_SIZE if limit is None else limit
+    return [make_example(split, seed, start + i) for i in range(count)]
+
+
+def prompt_text(question: str) -> str:
+    """The user turn as LLaDA-V writes it: the image placeholder on its own line, then the question."""
+    return f"<image>\n{question}"
+
+
+def corpus(seed: int = 0, count: int = 2000) -> list[str]:
+    """Questions and answers of the task, for training the tokenizer."""
+    examples = [make_example("train", seed, i) for i in range(count)]
+    return [text for ex in examples for text in (ex.question, ex.answer)]
+
+
+def write_examples(folder, indices: tuple[int, ...] = (9, 3), seed: int = 0) -> list[tuple[str, Example]]:
+    """Save held-out examples as PNG files in `folder` (docs/examples): [(file name, example)]."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for index in indices:
+        ex = make_example("eval", seed, index)
+        name = f"eval_{index:03d}_{ex.kind}.png"
+        ex.image.save(folder / name)
+        written.append((name, ex))
+    return written

@@ -1,0 +1,159 @@
+"""Exact-match accuracy of a model on the held-out split of the synthetic visual QA task.
+
+    python -m benchmarks.demo_model.evaluate [--model DIR | --engines DIR] [--backend torch|onnxruntime|tensorrt|reference]
+        [--cache none|prefix|dual] [--refresh-interval N] [--limit N]
+
+The torch / onnxruntime / tensorrt backends go through the project's runtime (`runtime.Pipeline`).
+`reference` decodes with the plain LLaDA loop in PyTorch below (low-confidence remasking,
+temperature 0, no cache): the figure the runtime's `cache="none"` must reproduce.
+Other benchmarks reuse `load_examples`, `accuracy` and `runtime_predictor`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import string
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from llada_v import SHIPPED_MODEL_DIR, SpecialTokens, load_model, load_tokenizer
+
+from .data import QUESTION_TYPES, Example, load_examples
+from .train import Encoder, denoise, prompt_embeddings
+
+# The decoding the demo model was trained for: one block of 8 tokens, one token per step.
+GEN_LENGTH = BLOCK_LENGTH = STEPS = 8
+
+__all__ = ["load_examples", "normalize", "accuracy", "reference_predictor", "runtime_predictor"]
+
+
+def normalize(text: str) -> str:
+    """Exact-match normalisation: strip whitespace and trailing punctuation, lowercase."""
+    return text.strip().rstrip(string.punctuation).strip().lower()
+
+
+def accuracy(predict_fn: Callable[[Example], str], examples: list[Example]) -> dict:
+    """{"accuracy": overall, "per_type": {kind: accuracy}, "n": count, "errors": [...]}."""
+    hits, totals, errors = defaultdict(int), defaultdict(int), []
+    for ex in examples:
+        predicted = predict_fn(ex)
+        ok = normalize(predicted) == normalize(ex.answer)
+        totals[ex.kind] += 1
+        hits[ex.kind] += ok
+        if not ok:
+            errors.append({"question": ex.question, "answer": ex.answer, "predicted": predicted, "kind": ex.kind})
+    n = sum(totals.values())
+    return {"accuracy": sum(hits.values()) / max(1, n), "n": n,
+            "per_type": {k: hits[k] / totals[k] for k in QUESTION_TYPES if totals[k]}, "errors": errors}
+
+
+# ---- the reference loop (plain LLaDA, no cache) -----------------------------------------------
+
+@torch.no_grad()
+def reference_generate(model, encoder: Encoder, examples: list[Example], gen_length: int = GEN_LENGTH,
+                       block_length: int = BLOCK_LENGTH, steps: int = STEPS) -> list[str]:
+    """LLaDA's sampler on a batch: low-confidence remasking, temperature 0, answers cut at <|eot_id|>."""
+    special: SpecialTokens = encoder.special
+    if gen_length % block_length or steps % (gen_length // block_length):
+        raise ValueError("gen_length must be a multiple of block_length, and steps of the number of blocks")
+    prompts = prompt_embeddings(model, [encoder.encode(ex.image, ex.question) for ex in examples])
+    b = len(examples)
+    x = torch.full((b, gen_length), special.mask)
+    steps_per_block = steps // (gen_length // block_length)
+    for start in range(0, gen_length, block_length):
+        in_block = torch.zeros(gen_length, dtype=torch.bool)
+        in_block[start:start + block_length] = True
+        n = block_length  # masked positions of the block, spread evenly over its steps
+        schedule = [n // steps_per_block + (s < n % steps_per_block) for s in range(steps_per_block)]
+        for k in schedule:
+            logits = denoise(model, prompts, x)
+            masked = x == special.mask
+            logits[..., list(special.banned_at_masked)] = torch.where(
+                masked[..., None], float("-inf"), logits[..., list(special.banned_at_masked)])
+            probs = logits.softmax(-1)
+            confidence, x0 = probs.max(-1)
+            confidence = torch.where(masked & in_block, confidence, float("-inf"))
+            top = confidence.topk(k, dim=-1).indices
+            x = x.scatter(1, top, x0.gather(1, top))
+    texts = []
+    for row in x.tolist():
+        cut = row.index(special.eot) if special.eot in row else len(row)
+        texts.append(encoder.tokenizer.decode(row[:cut], skip_special_tokens=True))
+    return texts
+
+
+def reference_predictor(model_dir: str | Path = SHIPPED_MODEL_DIR, batch_size: int = 50, **decode) -> Callable[[Example], str]:
+    """predict_fn for `accuracy` with the reference loop; decodes in batches and caches by example."""
+    model = load_model(model_dir).eval()
+    encoder = Encoder(load_tokenizer(model_dir), model.config)
+    cache: dict[int, str] = {}
+
+    def predict_batch(examples: list[Example]) -> list[str]:
+        return reference_generate(model, encoder, examples, **decode)
+
+    def predict(ex: Example) -> str:
+        if id(ex) not in cache:
+            cache[id(ex)] = predict_batch([ex])[0]
+        return cache[id(ex)]
+
+    predict.batch = predict_batch
+    predict.cache = cache
+    return predict
+
+
+def runtime_predictor(path: str | Path, backend: str = "torch", cache: str = "none", refresh_interval: int = 1,
+                      gen_length: int = GEN_LENGTH, block_length: int = BLOCK_LENGTH, steps: int = STEPS,
+                      **config) -> Callable[[Example], str]:
+    """predict_fn for `accuracy` through the project's runtime."""
+    from runtime import GenerationConfig, Pipeline
+
+    pipe = Pipeline.load(path, backend=backend)
+    generation = GenerationConfig(gen_length=gen_length, block_length=block_length, steps=steps, cache=cache,
+                                  refresh_interval=refresh_interval, **config)
+
+    def predict(ex: Example) -> str:
+        return pipe.generate(ex.question, image=ex.image, config=generation).text
+
+    return predict
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="exact-match accuracy on the demo task's held-out split")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", type=Path, help="checkpoint folder (default: the shipped model)")
+    source.add_argument("--engines", type=Path, help="exported engines folder")
+    parser.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt", "reference"), default=None,
+                        help="default: onnxruntime with --engines, else torch")
+    parser.add_argument("--cache", choices=("none", "prefix", "dual"), default="none")
+    parser.add_argument("--refresh-interval", type=int, default=1)
+    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N held-out examples")
+    parser.add_argument("--seed", type=int, default=0, help="data seed of the held-out split")
+    parser.add_argument("--errors", action="store_true", help="also print the wrong answers")
+    args = parser.parse_args()
+    backend = args.backend or ("onnxruntime" if args.engines else "torch")
+    path = args.engines or args.model or SHIPPED_MODEL_DIR
+    examples = load_examples("eval", args.seed, args.limit)
+    if backend == "reference":
+        if args.cache != "none":
+            parser.error("the reference loop has no cache: use --cache none")
+        predict = reference_predictor(path)
+        for i in range(0, len(examples), 50):  # batch the decoding, then score from the cache
+            chunk = examples[i:i + 50]
+            predict.cache.update({id(ex): text for ex, text in zip(chunk, predict.batch(chunk))})
+    else:
+        predict = runtime_predictor(path, backend, args.cache, args.refresh_interval)
+    result = accuracy(predict, examples)
+    errors = result.pop("errors")
+    print(json.dumps({"backend": backend, "path": str(path), "cache": args.cache,
+                      "refresh_interval": args.refresh_interval, **result}, indent=2))
+    if args.errors:
+        for err in errors:
+            print(err)
+
+
+if __name__ == "__main__":
+    main()

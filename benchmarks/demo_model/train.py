@@ -1,0 +1,251 @@
+"""Train the shipped demo LLaDA-V from scratch on the synthetic visual QA task.
+
+    python -m benchmarks.demo_model.train [--out DIR] [--steps N] [--minutes M] [--seed S]
+
+LLaDA-V's objective (the paper's Eq. 1, as in LLaDA's SFT): the image and the prompt stay clean;
+each response token (answer + <|eot_id|> + <|endoftext|> padding up to RESPONSE_LENGTH = 8) is
+replaced by the mask token with probability t ~ U(0, 1), drawn per example; the loss is the
+cross-entropy on masked tokens weighted by 1/t and divided by the response length. The vision
+tower, projector and denoiser are trained together, through the real LLaDA-V path: preprocess ->
+encode_tiles -> merge_tile_embeddings -> spliced into the embedded prompt -> denoiser.
+
+With the defaults it reproduces `llada_v/shipped_model/` (fixed seed, fp32, 2 threads); `--minutes`
+only stops a run early on a slower machine (the result then differs from the shipped weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from llada_v import IMAGE_TOKEN_INDEX, SHIPPED_MODEL_DIR, LladaV, SpecialTokens, conversation_ids, save_model
+from llada_v.config import tiny_config
+from llada_v.image_processing import ImageTiles, merge_tile_embeddings, preprocess
+from llada_v.tiny import build_tokenizer
+from llada_v.tokenizer import SYSTEM_PROMPT, load_tokenizer
+
+from .data import corpus, make_example, prompt_text
+
+RESPONSE_LENGTH = 8
+MASK_EPS = 1e-3  # LLaDA's forward process: t is drawn from [eps, 1] so 1/t stays bounded
+
+
+# ---- the objective ---------------------------------------------------------------------------
+
+def mask_response(response: torch.Tensor, mask_id: int, generator: torch.Generator | None = None):
+    """response [B, R] -> (noisy [B, R], masked [B, R] bool, t [B]): each token masked with prob t."""
+    b, r = response.shape
+    # Low-discrepancy draw (as in MDLM): t_i = (u + i / B) mod 1, each still U(0, 1), spread over the batch.
+    u = (torch.rand(1, generator=generator) + torch.arange(b) / b) % 1
+    t = (1 - MASK_EPS) * u + MASK_EPS
+    masked = torch.rand(b, r, generator=generator) < t[:, None]
+    return torch.where(masked, mask_id, response), masked, t
+
+
+def diffusion_loss(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Eq. 1: mean over the batch of sum over masked response tokens of CE / t, divided by R.
+
+    logits [B, R, V]; targets [B, R]; masked [B, R] bool; t [B].
+    """
+    b, r = targets.shape
+    ce = F.cross_entropy(logits.reshape(b * r, -1), targets.reshape(-1), reduction="none").view(b, r)
+    return (ce * masked / t[:, None]).sum() / (b * r)
+
+
+# ---- turning examples into model inputs -------------------------------------------------------
+
+@dataclass
+class Encoded:
+    """One example, ready to embed: prompt ids (IMAGE_TOKEN_INDEX where the image goes) and tiles."""
+    prompt_ids: list[int]
+    tiles: ImageTiles
+    response: list[int] | None = None
+
+
+class Encoder:
+    """Tokenises prompts (cached: questions repeat) and answers, preprocesses images."""
+
+    def __init__(self, tokenizer, cfg, response_length: int = RESPONSE_LENGTH):
+        self.tokenizer, self.cfg, self.response_length = tokenizer, cfg, response_length
+        self.special = SpecialTokens.from_tokenizer(tokenizer)
+        self._prompts: dict[str, list[int]] = {}
+
+    def prompt_ids(self, question: str) -> list[int]:
+        if question not in self._prompts:
+            self._prompts[question] = conversation_ids(self.tokenizer, [{"role": "user", "content": prompt_text(question)}])
+        return self._prompts[question]
+
+    def response_ids(self, answer: str) -> list[int]:
+        ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.special.eot]
+        if len(ids) > self.response_length:
+            raise ValueError(f"answer {answer!r} needs {len(ids)} tokens, more than the response length {self.response_length}")
+        return ids + [self.special.eos] * (self.response_length - len(ids))
+
+    def encode(self, image, question: str, answer: str | None = None) -> Encoded:
+        response = None if answer is None else self.response_ids(answer)
+        return Encoded(self.prompt_ids(question), preprocess(image, self.cfg), response)
+
+
+def image_embeddings(model: LladaV, batch: list[Encoded]) -> list[torch.Tensor]:
+    """All tiles of the batch through the vision tower and projector at once, then merged per image."""
+    pixels = torch.cat([enc.tiles.pixel_values for enc in batch])
+    tile_embeddings = model.encode_tiles(pixels).split([len(enc.tiles.pixel_values) for enc in batch])
+    return [merge_tile_embeddings(emb, enc.tiles, model.image_newline, model.config)
+            for emb, enc in zip(tile_embeddings, batch)]
+
+
+def prompt_embeddings(model: LladaV, batch: list[Encoded]) -> list[torch.Tensor]:
+    """Each prompt's token embeddings with the image embeddings spliced in at IMAGE_TOKEN_INDEX: [Lp, C]."""
+    embed = model.denoiser.embed_tokens
+    out = []
+    for enc, image in zip(batch, image_embeddings(model, batch)):
+        ids = torch.tensor(enc.prompt_ids)
+        (at,) = (ids == IMAGE_TOKEN_INDEX).nonzero()[:, 0].tolist()
+        out.append(torch.cat((embed(ids[:at]), image, embed(ids[at + 1:]))))
+    return out
+
+
+def denoise(model: LladaV, prompts: list[torch.Tensor], response: torch.Tensor) -> torch.Tensor:
+    """Logits [B, R, V] at the response positions for prompts [Lp_b, C] each followed by response ids [B, R].
+
+    Sequences are right-padded to the longest; padding is removed from attention by `attention_mask`.
+    """
+    b, r = response.shape
+    response_embeds = model.denoiser.embed_tokens(response)
+    lengths = [len(p) + r for p in prompts]
+    width = max(lengths)
+    hidden = prompts[0].shape[-1]
+    embeds = torch.zeros(b, width, hidden)
+    attention_mask = torch.zeros(b, width, dtype=torch.long)
+    logits_index = torch.empty(b, r, dtype=torch.long)
+    for i, prompt in enumerate(prompts):
+        lp = len(prompt)
+        embeds[i, :lp + r] = torch.cat((prompt, response_embeds[i]))
+        attention_mask[i, :lp + r] = 1
+        logits_index[i] = torch.arange(lp, lp + r)
+    position_ids = torch.arange(width).expand(b, width)
+    logits, _, _ = model.denoiser(embeds, position_ids, attention_mask, logits_index)
+    return logits
+
+
+def training_step(model: LladaV, batch: list[Encoded], mask_id: int, generator: torch.Generator | None = None):
+    response = torch.tensor([enc.response for enc in batch])
+    noisy, masked, t = mask_response(response, mask_id, generator)
+    logits = denoise(model, prompt_embeddings(model, batch), noisy)
+    return diffusion_loss(logits, response, masked, t)
+
+
+# ---- the model and the run --------------------------------------------------------------------
+
+def init_weights(model: LladaV, seed: int) -> None:
+    torch.manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight") or ("layer_norm" in name and name.endswith("weight")):
+            continue  # norms stay at their identity initialisation
+        if p.dim() > 1 or "newline" in name:
+            torch.nn.init.normal_(p, std=0.02)
+        else:
+            torch.nn.init.zeros_(p)
+
+
+def make_tokenizer(folder: Path, seed: int, vocab_size: int) -> int:
+    texts = [SYSTEM_PROMPT] * 50 + corpus(seed)
+    return build_tokenizer(texts, folder, vocab_size)
+
+
+def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, minutes: float | None,
+          vocab_size: int = 1024, warmup: int = 150, weight_decay: float = 0.1, vision_lr_scale: float = 0.2,
+          log_every: int = 50, threads: int = 2, save_every: int | None = None,
+          stop_after: int | None = None) -> LladaV:
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok_dir = Path(tmp)
+        vocab = make_tokenizer(tok_dir, seed, vocab_size)
+        tokenizer = load_tokenizer(tok_dir)
+        model = LladaV(tiny_config(vocab_size=vocab))
+        init_weights(model, seed)
+        encoder = Encoder(tokenizer, model.config)
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"vocab {vocab}, {n_params / 1e6:.2f}M parameters, {steps} steps of {batch_size}")
+        # Parameter groups: matrices decay, embeddings/norms/biases don't; the image path (vision tower,
+        # projector, image_newline) may take a smaller learning rate.
+        groups: dict[tuple[bool, bool], list] = {}
+        for n, p in model.named_parameters():
+            decays = p.dim() > 1 and "embed_tokens" not in n
+            image_path = not n.startswith("denoiser.")
+            groups.setdefault((decays, image_path), []).append(p)
+        opt = torch.optim.AdamW([{"params": ps, "weight_decay": weight_decay if decays else 0.0,
+                                  "lr_scale": vision_lr_scale if image_path else 1.0}
+                                 for (decays, image_path), ps in groups.items()], lr=lr, betas=(0.9, 0.99))
+        generator = torch.Generator().manual_seed(seed)
+        start, running = time.time(), None
+        bar = tqdm(range(steps), desc="train", dynamic_ncols=True)
+        for step in bar:
+            examples = [make_example("train", seed, step * batch_size + j) for j in range(batch_size)]
+            batch = [encoder.encode(ex.image, ex.question, ex.answer) for ex in examples]
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, steps, lr, warmup) * group["lr_scale"]
+            loss = training_step(model, batch, encoder.special.mask, generator)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            value = loss.item()
+            if not math.isfinite(value):
+                raise FloatingPointError(f"loss became {value} at step {step}")
+            running = value if running is None else 0.98 * running + 0.02 * value
+            bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr_at(step, steps, lr, warmup):.2e}")
+            if step % log_every == 0 or step == steps - 1:
+                tqdm.write(f"step {step:5d}  loss {running:.4f}  {time.time() - start:7.1f}s")
+            if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
+                save_model(model, out, tokenizer_folder=tok_dir)  # a usable checkpoint while training goes on
+            if stop_after is not None and step + 1 >= stop_after:
+                tqdm.write(f"stopping after step {step + 1} of the {steps}-step schedule (--stop-after)")
+                break
+            if minutes is not None and time.time() - start > 60 * minutes:
+                tqdm.write(f"stopping at step {step + 1}: the {minutes} minute budget is spent")
+                break
+        model.eval()
+        save_model(model, out, tokenizer_folder=tok_dir)
+    print(f"saved {out} after {time.time() - start:.0f}s")
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="train the shipped demo LLaDA-V on the synthetic visual QA task")
+    parser.add_argument("--out", type=Path, default=SHIPPED_MODEL_DIR, help="checkpoint folder (default: the shipped model)")
+    parser.add_argument("--steps", type=int, default=2400)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--warmup", type=int, default=150)
+    parser.add_argument("--vision-lr-scale", type=float, default=0.2, help="learning rate factor of the image path")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--minutes", type=float, default=None, help="stop early once this much time is spent")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--save-every", type=int, default=None, help="also save the checkpoint every N steps")
+    parser.add_argument("--stop-after", type=int, default=None,
+                        help="stop after N steps of the --steps schedule (reproduces a --save-every checkpoint)")
+    args = parser.parse_args()
+    train(args.out, args.steps, args.batch_size, args.lr, args.seed, args.minutes, threads=args.threads,
+          save_every=args.save_every, weight_decay=args.weight_decay, warmup=args.warmup,
+          vision_lr_scale=args.vision_lr_scale, stop_after=args.stop_after)
+
+
+if __name__ == "__main__":
+    main()

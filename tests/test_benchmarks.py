@@ -1,0 +1,63 @@
+"""The benchmark commands run end to end on the shipped engines (tiny settings; no timing is asserted)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks import engines as engines_bench
+from benchmarks import refresh_interval
+from benchmarks.bench_model import IMAGE_SIZE, bench_config, write_checkpoint
+from llada_v import SHIPPED_MODEL_DIR, SpecialTokens, load_model, load_tokenizer
+from llada_v.image_processing import preprocess
+
+TINY = ["--gen-length", "8", "--block-length", "4", "--requests", "2", "--warmup", "0"]
+
+
+def test_refresh_interval_writes_table_json_and_plot(engines_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert refresh_interval.main(["--engines", str(engines_dir), "--intervals", "1", "2", "--out", str(out), *TINY]) == 0
+    results = json.loads((out / "results.json").read_text())
+    rows = {s["row"]: s for s in results["summaries"]}
+    assert list(rows) == ["baseline (no cache)", "prefix r=1", "prefix r=2", "dual r=1", "dual r=2"]
+    assert rows["baseline (no cache)"]["speedup"] == 1.0 and rows["baseline (no cache)"]["cached_forwards"] == 0
+    for label in ("prefix r=1", "dual r=1"):  # a refresh every step is exactly the uncached loop
+        assert rows[label]["agreement"] == 1.0 and rows[label]["cached_forwards"] == 0
+    assert rows["dual r=2"]["cached_forwards"] > 0
+    # engines built from the shipped model: its labelled set gives an accuracy per row
+    assert all(0.0 <= s["accuracy"] <= 1.0 for s in rows.values())
+    assert all(len(raw["seconds"]) == 2 for raw in results["raw"]) and results["machine"]["cpu"]
+    assert (out / "refresh_interval.png").stat().st_size > 1000
+    assert "baseline (no cache)" in capsys.readouterr().out
+
+
+def test_refresh_interval_rejects_bad_settings(engines_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        refresh_interval.main(["--engines", str(engines_dir), "--intervals", "0"])
+    assert exit_info.value.code == 2
+    code = refresh_interval.main(["--engines", str(engines_dir), "--gen-length", "10", "--block-length", "4",
+                                  "--out", str(tmp_path)])
+    assert code == 2 and "block_length" in capsys.readouterr().err
+
+
+def test_engines_compares_backends_per_stage(engines_dir, tmp_path):
+    out = tmp_path / "out"
+    assert engines_bench.main(["--model", str(SHIPPED_MODEL_DIR), "--engines", str(engines_dir), "--out", str(out),
+                               "--refresh-interval", "2", *TINY]) == 0
+    timings = json.loads((out / "engines.json").read_text())["timings"]
+    for backend in ("torch", "onnxruntime"):
+        for run in timings[backend]:
+            stages = sum(run[s] for s in engines_bench.STAGES)
+            assert stages == pytest.approx(run["seconds"], rel=1e-6)
+
+
+def test_bench_model_prompt_is_dominated_by_image_tokens(tmp_path):
+    cfg = bench_config()
+    tiles = preprocess(np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8), cfg)
+    side = cfg.vision.patches_per_side
+    assert tiles.grid == (1, 1)
+    assert side * side + side * (side + 1) >= 729  # global view + one grid tile with its row ends
+    model = load_model(write_checkpoint(tmp_path / "ckpt"))
+    eot = SpecialTokens.from_tokenizer(load_tokenizer(tmp_path / "ckpt")).eot
+    assert model.denoiser.lm_head.weight[eot].abs().sum() == 0
+

@@ -1,0 +1,155 @@
+"""The demo model's task, objective and evaluation helpers (benchmarks/demo_model)."""
+
+import hashlib
+import math
+
+import pytest
+import torch
+
+from benchmarks.demo_model import data
+from benchmarks.demo_model.data import Scene, Shape, draw, make_example
+from benchmarks.demo_model.evaluate import accuracy, normalize
+from benchmarks.demo_model.train import Encoder, diffusion_loss, init_weights, make_tokenizer, mask_response, training_step
+from llada_v import LladaV, load_tokenizer
+from llada_v.config import tiny_config
+from llada_v.image_processing import preprocess
+
+
+def _digest(example) -> str:
+    return hashlib.sha256(example.image.tobytes() + example.question.encode()).hexdigest()
+
+
+def test_generator_is_deterministic():
+    first = [make_example("train", 3, i) for i in range(20)]
+    again = [make_example("train", 3, i) for i in range(20)]
+    assert [_digest(e) for e in first] == [_digest(e) for e in again]
+    assert [e.answer for e in first] == [e.answer for e in again]
+    other_seed = [make_example("train", 4, i) for i in range(20)]
+    assert [_digest(e) for e in first] != [_digest(e) for e in other_seed]
+
+
+def test_splits_are_disjoint_and_eval_is_balanced():
+    evals = data.load_examples("eval", 0, limit=100)
+    trains = [make_example("train", 0, i) for i in range(300)]
+    assert not {_digest(e) for e in evals} & {_digest(e) for e in trains}
+    counts = {k: sum(e.kind == k for e in evals) for k in data.QUESTION_TYPES}
+    assert set(counts.values()) == {100 // len(data.QUESTION_TYPES)}
+
+
+def test_images_exercise_several_tile_grids():
+    cfg = tiny_config(vocab_size=512)
+    grids = {preprocess(make_example("train", 0, i).image, cfg).grid for i in range(60)}
+    assert {(1, 1), (2, 2)} <= grids and any(c != r for c, r in grids)
+
+
+def _scene() -> Scene:
+    # a 128x128 image, layout 2x2: red square top-left, blue circle top-right, green triangle bottom-right
+    objects = (Shape("square", "red", (0, 0), (8, 8, 48, 48)),
+               Shape("circle", "blue", (1, 0), (72, 10, 118, 56)),
+               Shape("triangle", "green", (1, 1), (70, 70, 120, 120)))
+    return Scene((128, 128), (220, 220, 220), objects)
+
+
+def test_drawn_scene_matches_its_description():
+    image = draw(_scene())
+    assert image.getpixel((28, 28)) == data.COLOURS["red"]
+    assert image.getpixel((95, 33)) == data.COLOURS["blue"]
+    assert image.getpixel((95, 110)) == data.COLOURS["green"]
+    assert image.getpixel((28, 100)) == (220, 220, 220)  # the empty cell
+    assert image.getpixel((72, 72)) == (220, 220, 220)  # a triangle's top-left corner is background
+
+
+def test_answers_follow_the_scene():
+    scene = _scene()
+    square, circle, triangle = scene.objects
+    assert data.in_direction(scene, square, "right of") == [circle, triangle]
+    assert data.in_direction(scene, circle, "below") == [triangle]
+    assert data.in_direction(scene, triangle, "above") == [square, circle]
+    assert data.in_direction(scene, square, "below") == [triangle]
+    assert data.in_direction(scene, square, "left of") == []
+    # generated examples: every object's centre has its colour; counts and relations agree with cells
+    for i in range(100):
+        ex = make_example("train", 0, i)
+        objs = ex.scene.objects
+        for obj in objs:
+            x0, y0, x1, y1 = obj.box
+            assert ex.image.getpixel(((x0 + x1) // 2, y0 + (y1 - y0) * 3 // 5)) == data.COLOURS[obj.colour]
+        if ex.kind == "count":
+            assert ex.answer == str(len(objs))
+        if ex.kind == "colour":
+            assert ex.answer == next(o.colour for o in objs if f"the {o.shape}?" in ex.question)
+        if ex.kind == "shape":
+            assert ex.answer == next(o.shape for o in objs if f"the {o.colour} one" in ex.question)
+
+
+def test_hand_checked_questions():
+    import random
+
+    scene = _scene()
+    rng = random.Random(0)
+    for _ in range(30):
+        question, answer = data._question(scene, "two_step", rng)
+        # the only unique-direction facts of this scene
+        # square (0, 0), circle (1, 0), triangle (1, 1): the only directions holding exactly one object
+        expected = {"below the square": ("green", "triangle"), "below the red shape": ("green", "triangle"),
+                    "left of the circle": ("red", "square"), "left of the blue shape": ("red", "square"),
+                    "below the circle": ("green", "triangle"), "below the blue shape": ("green", "triangle"),
+                    "left of the triangle": ("red", "square"), "left of the green shape": ("red", "square")}
+        phrase = question.split(" is ", 1)[1].removeprefix("the shape ").rstrip("?")
+        assert phrase in expected, question
+        assert answer == expected[phrase][0 if question.startswith("What colour") else 1]
+    for _ in range(30):
+        question, answer = data._question(scene, "relation", rng)
+        assert answer in {"left", "right", "above", "below"}
+        if "square" in question.split(" or ")[0] or "red" in question.split(" or ")[0]:
+            assert answer in {"left", "above"}
+
+
+def test_loss_matches_eq1_on_a_hand_computable_case():
+    # V = 2 with zero logits: every token's CE is ln 2. Example 0 (t = 0.5) masks 1 of 2 tokens,
+    # example 1 (t = 0.25) masks both: loss = (ln2/0.5 + 2 ln2/0.25) / (B * R) = (2 + 8) ln2 / 4.
+    logits = torch.zeros(2, 2, 2)
+    targets = torch.tensor([[0, 1], [1, 1]])
+    masked = torch.tensor([[True, False], [True, True]])
+    t = torch.tensor([0.5, 0.25])
+    assert diffusion_loss(logits, targets, masked, t).item() == pytest.approx(10 * math.log(2) / 4)
+    # a confident right prediction costs ~0, and unmasked tokens never count
+    logits = torch.tensor([[[9.0, -9.0], [-9.0, 9.0]]])
+    assert diffusion_loss(logits, torch.tensor([[0, 0]]), torch.tensor([[True, False]]), torch.tensor([1.0])).item() < 1e-6
+
+
+def test_masking_rate_follows_t():
+    response = torch.arange(4000).view(1000, 4) % 7 + 1
+    generator = torch.Generator().manual_seed(0)
+    noisy, masked, t = mask_response(response, mask_id=0, generator=generator)
+    assert torch.equal(noisy == 0, masked)
+    assert torch.equal(noisy[~masked], response[~masked])
+    assert t.min() >= 1e-3 and t.max() <= 1
+    # masked fraction per example tracks t: E[masked] = t
+    assert abs((masked.float().mean(1) - t).mean().item()) < 0.03
+
+
+def test_one_training_step(tmp_path):
+    torch.manual_seed(0)
+    vocab = make_tokenizer(tmp_path, seed=0, vocab_size=1024)
+    tokenizer = load_tokenizer(tmp_path)
+    model = LladaV(tiny_config(vocab))
+    init_weights(model, 0)
+    encoder = Encoder(tokenizer, model.config)
+    examples = [make_example("train", 0, i) for i in range(4)]
+    batch = [encoder.encode(ex.image, ex.question, ex.answer) for ex in examples]
+    assert all(len(b.response) == 8 and b.response[-1] == encoder.special.eos for b in batch)
+    loss = training_step(model, batch, encoder.special.mask, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert math.isfinite(loss.item())
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+    assert model.vision_tower.embeddings.patch_embedding.weight.grad.abs().sum() > 0  # the image path is trained
+
+
+def test_normalize_and_accuracy():
+    assert normalize("  Red. ") == "red"
+    assert normalize("3!") == "3"
+    examples = data.load_examples("eval", 0, limit=10)
+    result = accuracy(lambda ex: ex.answer.upper() + ".", examples)
+    assert result["accuracy"] == 1.0 and result["n"] == 10
+    assert accuracy(lambda ex: "nope", examples)["accuracy"] == 0.0
