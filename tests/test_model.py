@@ -184,7 +184,8 @@ def test_best_resolution_and_token_count_of_a_1024x768_image():
 
 
 def test_preprocess_tiles_and_merge(shipped_model):
-    cfg = shipped_model.config
+    # 64 px tiles of 8 px patches: an 8 x 8 map per tile (fixed here, whatever the shipped model uses)
+    cfg = dataclasses.replace(shipped_model.config, vision=dataclasses.replace(shipped_model.config.vision, patch_size=8))
     image = np.random.randint(0, 256, (60, 120, 3), dtype=np.uint8)
     tiles = preprocess(image, cfg)
     cols, rows = tiles.grid

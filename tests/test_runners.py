@@ -262,7 +262,7 @@ def test_gpu_provider_that_does_not_load_is_an_error(engines_dir, monkeypatch):
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     real_session = ort.InferenceSession
     monkeypatch.setattr(ort, "InferenceSession",
-                        lambda path, providers: real_session(path, providers=["CPUExecutionProvider"]))
+                        lambda path, options, providers: real_session(path, options, providers=["CPUExecutionProvider"]))
     with pytest.raises(ValueError, match=r"could not load provider\(s\) \['CUDAExecutionProvider'\]"):
         runner.activate()
 
