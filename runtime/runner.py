@@ -7,6 +7,7 @@ tensors live on `runner.device`, so a GPU backend never round-trips through the 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from llada_v import LladaVConfig
 
 
-class Runner:
+class Runner(ABC):
     """Base class. Subclasses set the attributes below in `_activate_impl` and implement the `_*_impl` methods.
 
     config: the checkpoint's LladaVConfig; folder: where its tokenizer files are; dtype: the engines'
@@ -151,26 +152,30 @@ class Runner:
 
     # ---- backend API ------------------------------------------------------------------------------
 
+    @abstractmethod
     def _activate_impl(self) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def _deactivate_impl(self) -> None:
-        raise NotImplementedError
+        ...
 
     def _vision_impl(self, pixel_values):
-        raise NotImplementedError
+        raise ValueError(f"{self.name} runner has no vision part: this model is text-only")
 
     def _projector_impl(self, features):
-        raise NotImplementedError
+        raise ValueError(f"{self.name} runner has no projector: this model is text-only")
 
+    @abstractmethod
     def _denoise_full_impl(self, inputs_embeds, position_ids, attention_mask, logits_index,
                            present_keys, present_values):
         """Returns the logits; writes the presents into the given [n_layers, B, H, L, D] buffers."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def _denoise_cached_impl(self, inputs_embeds, position_ids, attention_mask, logits_index,
                              past_keys, past_values, past_mask, query_start):
-        raise NotImplementedError
+        ...
 
 
 def per_layer(name: str, stacked: torch.Tensor) -> dict[str, torch.Tensor]:
