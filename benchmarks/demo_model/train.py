@@ -31,7 +31,7 @@ from tqdm import tqdm
 from llada_v import IMAGE_TOKEN_INDEX, SHIPPED_MODEL_DIR, LladaV, SpecialTokens, conversation_ids, save_model
 from llada_v.config import tiny_config
 from llada_v.image_processing import ImageTiles, merge_tile_embeddings, preprocess
-from llada_v.tiny import build_tokenizer
+from llada_v.tiny import build_tokenizer, init_weights
 from llada_v.tokenizer import SYSTEM_PROMPT, load_tokenizer
 
 from .data import corpus, make_example, prompt_text
@@ -146,17 +146,6 @@ def training_step(model: LladaV, batch: list[Encoded], mask_id: int, generator: 
 
 
 # ---- the model and the run --------------------------------------------------------------------
-
-def init_weights(model: LladaV, seed: int) -> None:
-    torch.manual_seed(seed)
-    for name, p in model.named_parameters():
-        if name.endswith("norm.weight") or ("layer_norm" in name and name.endswith("weight")):
-            continue  # norms stay at their identity initialisation
-        if p.dim() > 1 or "newline" in name:
-            torch.nn.init.normal_(p, std=0.02)
-        else:
-            torch.nn.init.zeros_(p)
-
 
 def make_tokenizer(folder: Path, seed: int, vocab_size: int) -> int:
     texts = [SYSTEM_PROMPT] * 50 + corpus(seed)
