@@ -185,9 +185,9 @@ def _parse_pinpoints(raw, tile: int) -> tuple[tuple[int, int], ...]:
 
 def tiny_config(vocab_size: int) -> LladaVConfig:
     """The shipped model's sizes: LLaDA-V's structure, a few MB."""
-    # 16 px patches: 4x4 = 16 tokens per 64 px tile keeps the demo model trainable on a CPU (benchmarks/demo_model).
+    # 32 px patches: 2x2 = 4 tokens per 64 px tile keeps the demo model trainable on a CPU (benchmarks/demo_model).
     vision = VisionConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
-                          image_size=64, patch_size=16)
+                          image_size=64, patch_size=32)
     language = LanguageConfig(vocab_size=vocab_size, hidden_size=192, intermediate_size=512, num_hidden_layers=4,
                               num_attention_heads=4, num_key_value_heads=4, rope_theta=10000.0,
                               max_position_embeddings=2048)

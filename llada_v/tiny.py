@@ -21,9 +21,12 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(corpus: list[str], folder: Path, vocab_size: int = 512) -> int:
-    """Train a byte-level BPE on `corpus`, add LLaDA's special tokens, save it; returns its size."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tokenizer(corpus: list[str], folder: Path, vocab_size: int = 512, phrases: tuple[str, ...] = ()) -> int:
+    """Train a byte-level BPE on `corpus`, add LLaDA's special tokens, save it; returns its size.
+
+    Each of `phrases` becomes one (non-special) token of its own, matched before BPE splits the text.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     specials = list(SpecialTokens.NAMES.values())
     tokenizer = Tokenizer(models.BPE())
@@ -32,6 +35,7 @@ def build_tokenizer(corpus: list[str], folder: Path, vocab_size: int = 512) -> i
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(corpus, trainer)
+    tokenizer.add_tokens([AddedToken(phrase, normalized=False) for phrase in phrases])
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(folder / "tokenizer.json"))
     names = SpecialTokens.NAMES

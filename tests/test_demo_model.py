@@ -13,6 +13,7 @@ from benchmarks.demo_model.train import Encoder, diffusion_loss, init_weights, m
 from llada_v import LladaV, load_tokenizer
 from llada_v.config import tiny_config
 from llada_v.image_processing import preprocess
+from llada_v.tokenizer import SYSTEM_PROMPT
 
 
 def _digest(example) -> str:
@@ -144,6 +145,17 @@ def test_one_training_step(tmp_path):
     assert math.isfinite(loss.item())
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
     assert model.vision_tower.embeddings.patch_embedding.weight.grad.abs().sum() > 0  # the image path is trained
+
+
+def test_tokenizer_keeps_the_system_prompt_whole_and_questions_in_words(tmp_path):
+    make_tokenizer(tmp_path, seed=0, vocab_size=1024)
+    tokenizer = load_tokenizer(tmp_path)
+    encoder = Encoder(tokenizer, tiny_config(512))
+    ids = encoder.prompt_ids("What colour is the shape left of the red shape?")
+    pieces = [tokenizer.decode([i]) for i in ids if i >= 0]
+    assert SYSTEM_PROMPT in pieces
+    assert pieces[pieces.index("What"):][:4] == ["What", " colour", " is", " the"]
+    assert tokenizer.decode(ids[ids.index(-200) + 1:], skip_special_tokens=True).strip().startswith("What colour is")
 
 
 def test_normalize_and_accuracy():

@@ -1,11 +1,11 @@
 """A synthetic visual QA task for the shipped demo model, generated deterministically from a seed.
 
 Each example is one image of 1 to 4 flat shapes on a plain background, one question and a one-word
-answer. Objects sit in distinct cells of a coarse layout grid (2 or 3 cells per side, depending on
-the aspect ratio), so "left of" / "above" compare cell columns / rows and are never ambiguous; in a
-scene every object has its own shape and its own colour, so "the square" or "the red shape" names
-exactly one object. Image sizes (48 to 192 px, varied aspect ratios) make the anyres grid pick
-1x1 up to 3x3 tiles of 64 px.
+answer. Objects sit in distinct cells of a 2x2 layout grid, so "left of" / "above" compare cell
+columns / rows and are never ambiguous; in a scene every object has its own shape and its own
+colour, so "the square" or "the red shape" names exactly one object. Image sizes (48 to 192 px,
+aspect ratios up to 2) make the anyres grid pick 1x1 up to 3x3 tiles of 64 px; in the 64 px
+overview tile every layout cell is one 32 px patch of the shipped model.
 
 Question types: colour, shape, count, relation (left/right, above/below) and two_step ("What colour
 is the shape left of the square?"). Example `i` of a split depends only on (split, seed, i).
@@ -24,6 +24,7 @@ SHAPES = ("circle", "square", "triangle", "diamond")
 QUESTION_TYPES = ("colour", "shape", "count", "relation", "two_step")
 SPLITS = ("train", "eval")
 EVAL_SIZE = 200
+LAYOUT = 2  # every scene is a 2x2 grid of cells, one object at most per cell
 # "left of" a cell = a smaller column; "above" = a smaller row.
 DIRECTIONS = {"left of": (-1, 0), "right of": (1, 0), "above": (0, -1), "below": (0, 1)}
 
@@ -55,17 +56,16 @@ class Example:
 def _random_size(rng: random.Random) -> tuple[int, int]:
     if rng.random() < 0.2:  # a single 64 px tile
         return rng.randint(48, 64), rng.randint(48, 64)
-    width, height = rng.randint(64, 192), rng.randint(64, 192)
+    width = rng.randint(64, 192)
+    height = rng.randint(max(64, width // 2), min(192, 2 * width))  # aspect ratio at most 2
     return width, height
 
 
 def random_scene(rng: random.Random) -> Scene:
     width, height = _random_size(rng)
-    cols = 3 if width >= 1.5 * height else 2
-    rows = 3 if height >= 1.5 * width else 2
-    cell_w, cell_h = width / cols, height / rows
-    n = rng.randint(1, 4)
-    cells = rng.sample([(c, r) for r in range(rows) for c in range(cols)], n)
+    cell_w, cell_h = width / LAYOUT, height / LAYOUT
+    n = rng.randint(1, LAYOUT * LAYOUT)
+    cells = rng.sample([(c, r) for r in range(LAYOUT) for c in range(LAYOUT)], n)
     shapes = rng.sample(SHAPES, n)
     colours = rng.sample(sorted(COLOURS), n)
     objects = []
@@ -168,7 +168,7 @@ def corpus(seed: int = 0, count: int = 2000) -> list[str]:
     return [text for ex in examples for text in (ex.question, ex.answer)]
 
 
-def write_examples(folder, indices: tuple[int, ...] = (9, 3), seed: int = 0) -> list[tuple[str, Example]]:
+def write_examples(folder, indices: tuple[int, ...] = (9, 3, 16), seed: int = 0) -> list[tuple[str, Example]]:
     """Save held-out examples as PNG files in `folder` (docs/examples): [(file name, example)]."""
     from pathlib import Path
 
