@@ -11,7 +11,7 @@ from pathlib import Path
 from PIL import Image
 
 from benchmarks.demo_model.data import load_examples, prompt_text
-from benchmarks.demo_model.evaluate import normalize
+from benchmarks.demo_model.evaluate import is_exact_match
 from exporter.manifest import checkpoint_sha256
 from llada_v import SHIPPED_MODEL_DIR
 
@@ -23,7 +23,7 @@ class Request:
     answer: str | None
 
     def is_correct(self, text: str) -> bool:
-        return normalize(text) == normalize(self.answer)
+        return is_exact_match(text, self.answer)
 
 
 def load_requests(count: int, with_answers: bool) -> list[Request]:

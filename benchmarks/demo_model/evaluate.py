@@ -6,7 +6,8 @@
 The torch / onnxruntime / tensorrt backends go through the project's runtime (`runtime.Pipeline`).
 `reference` decodes with the plain LLaDA loop in PyTorch below (low-confidence remasking,
 temperature 0, no cache): the figure the runtime's `cache="none"` must reproduce.
-Other benchmarks reuse `load_examples`, `accuracy` and `runtime_predictor`.
+A predictor maps a list of examples to their answers; `accuracy` scores them. Other benchmarks reuse
+`load_examples` and `is_exact_match`.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from .train import Encoder, denoise, prompt_embeddings
 # The decoding the demo model was trained for: one block of 8 tokens, one token per step.
 GEN_LENGTH = BLOCK_LENGTH = STEPS = 8
 
-__all__ = ["load_examples", "normalize", "accuracy", "reference_predictor", "runtime_predictor"]
+__all__ = ["load_examples", "normalize", "is_exact_match", "accuracy", "reference_predictor", "runtime_predictor"]
+
+Predictor = Callable[[list[Example]], list[str]]
 
 
 def normalize(text: str) -> str:
@@ -36,12 +39,15 @@ def normalize(text: str) -> str:
     return text.strip().rstrip(string.punctuation).strip().lower()
 
 
-def accuracy(predict_fn: Callable[[Example], str], examples: list[Example]) -> dict:
-    """{"accuracy": overall, "per_type": {kind: accuracy}, "n": count, "errors": [...]}."""
+def is_exact_match(predicted: str, expected: str) -> bool:
+    return normalize(predicted) == normalize(expected)
+
+
+def accuracy(predictions: list[str], examples: list[Example]) -> dict:
+    """{"accuracy": overall, "per_type": {kind: accuracy}, "n": count, "errors": [...]} of answers to `examples`."""
     hits, totals, errors = defaultdict(int), defaultdict(int), []
-    for ex in examples:
-        predicted = predict_fn(ex)
-        ok = normalize(predicted) == normalize(ex.answer)
+    for ex, predicted in zip(examples, predictions, strict=True):
+        ok = is_exact_match(predicted, ex.answer)
         totals[ex.kind] += 1
         hits[ex.kind] += ok
         if not ok:
@@ -86,37 +92,30 @@ def reference_generate(model, encoder: Encoder, examples: list[Example], gen_len
     return texts
 
 
-def reference_predictor(model_dir: str | Path = SHIPPED_MODEL_DIR, batch_size: int = 50, **decode) -> Callable[[Example], str]:
-    """predict_fn for `accuracy` with the reference loop; decodes in batches and caches by example."""
+def reference_predictor(model_dir: str | Path = SHIPPED_MODEL_DIR, batch_size: int = 50, **decode) -> Predictor:
+    """The reference loop as a predictor, decoding `batch_size` examples at a time."""
     model = load_model(model_dir).eval()
     encoder = Encoder(load_tokenizer(model_dir), model.config)
-    cache: dict[int, str] = {}
 
-    def predict_batch(examples: list[Example]) -> list[str]:
-        return reference_generate(model, encoder, examples, **decode)
+    def predict(examples: list[Example]) -> list[str]:
+        return [text for i in range(0, len(examples), batch_size)
+                for text in reference_generate(model, encoder, examples[i:i + batch_size], **decode)]
 
-    def predict(ex: Example) -> str:
-        if id(ex) not in cache:
-            cache[id(ex)] = predict_batch([ex])[0]
-        return cache[id(ex)]
-
-    predict.batch = predict_batch
-    predict.cache = cache
     return predict
 
 
 def runtime_predictor(path: str | Path, backend: str = "torch", cache: str = "none", refresh_interval: int = 1,
                       gen_length: int = GEN_LENGTH, block_length: int = BLOCK_LENGTH, steps: int = STEPS,
-                      **config) -> Callable[[Example], str]:
-    """predict_fn for `accuracy` through the project's runtime."""
+                      **config) -> Predictor:
+    """The project's runtime as a predictor."""
     from runtime import GenerationConfig, Pipeline
 
     pipe = Pipeline.load(path, backend=backend)
     generation = GenerationConfig(gen_length=gen_length, block_length=block_length, steps=steps, cache=cache,
                                   refresh_interval=refresh_interval, **config)
 
-    def predict(ex: Example) -> str:
-        return pipe.generate(ex.question, image=ex.image, config=generation).text
+    def predict(examples: list[Example]) -> list[str]:
+        return [pipe.generate(ex.question, image=ex.image, config=generation).text for ex in examples]
 
     return predict
 
@@ -141,12 +140,9 @@ def main() -> None:
         if args.cache != "none":
             parser.error("the reference loop has no cache: use --cache none")
         predict = reference_predictor(path)
-        for i in range(0, len(examples), 50):  # batch the decoding, then score from the cache
-            chunk = examples[i:i + 50]
-            predict.cache.update({id(ex): text for ex, text in zip(chunk, predict.batch(chunk))})
     else:
         predict = runtime_predictor(path, backend, args.cache, args.refresh_interval)
-    result = accuracy(predict, examples)
+    result = accuracy(predict(examples), examples)
     errors = result.pop("errors")
     print(json.dumps({"backend": backend, "path": str(path), "cache": args.cache,
                       "refresh_interval": args.refresh_interval, **result}, indent=2))
