@@ -9,7 +9,8 @@ import torch
 from benchmarks.demo_model import data
 from benchmarks.demo_model.data import Scene, Shape, draw, make_example
 from benchmarks.demo_model.evaluate import accuracy, normalize
-from benchmarks.demo_model.train import Encoder, diffusion_loss, init_weights, make_tokenizer, mask_response, training_step
+from benchmarks.demo_model.train import (Encoder, diffusion_loss, init_weights, make_tokenizer, mask_response,
+                                         max_objects_at, training_step)
 from llada_v import LladaV, load_tokenizer
 from llada_v.config import tiny_config
 from llada_v.image_processing import preprocess
@@ -41,6 +42,31 @@ def test_images_exercise_several_tile_grids():
     cfg = tiny_config(vocab_size=512)
     grids = {preprocess(make_example("train", 0, i).image, cfg).grid for i in range(60)}
     assert {(1, 1), (2, 2)} <= grids and any(c != r for c, r in grids)
+
+
+def test_objects_are_centred_in_their_cells():
+    for i in range(100):
+        scene = make_example("train", 0, i).scene
+        cell_w, cell_h = scene.size[0] / data.LAYOUT, scene.size[1] / data.LAYOUT
+        for obj in scene.objects:
+            x0, y0, x1, y1 = obj.box
+            column, row = obj.cell
+            assert abs((x0 + x1) / 2 - (column + 0.5) * cell_w) <= 1 and abs((y0 + y1) / 2 - (row + 0.5) * cell_h) <= 1
+            assert 0.7 * min(cell_w, cell_h) - 1 <= x1 - x0 <= 0.9 * min(cell_w, cell_h) + 1
+
+
+def test_curriculum_scenes():
+    assert [max_objects_at(step, 1000) for step in (0, 999, 1000, 2999, 3000, 50_000)] == [1, 1, 2, 3, 4, 4]
+    assert max_objects_at(0, 0) == data.MAX_OBJECTS  # no curriculum
+    one = [make_example("train", 0, i, max_objects=1) for i in range(60)]
+    assert all(len(ex.scene.objects) == 1 and ex.kind in data.ONE_OBJECT_TYPES for ex in one)
+    assert {ex.kind for ex in one} == set(data.ONE_OBJECT_TYPES)
+    two = [make_example("train", 0, i, max_objects=2) for i in range(60)]
+    assert max(len(ex.scene.objects) for ex in two) == 2 and {ex.kind for ex in two} == set(data.QUESTION_TYPES)
+    with pytest.raises(ValueError, match="max_objects"):
+        make_example("eval", 0, 0, max_objects=1)  # the held-out split is always the full task
+    with pytest.raises(ValueError, match="max_objects"):
+        make_example("train", 0, 0, max_objects=5)
 
 
 def _scene() -> Scene:
