@@ -5,12 +5,13 @@ answer. Objects sit centred in distinct cells of a 2x2 layout grid, at 70-90% of
 of" / "above" compare cell columns / rows and are never ambiguous; in a scene every object has its own
 shape and its own colour, so "the square" or "the red shape" names exactly one object. (Objects
 placed anywhere inside their cell left shape at chance after 176k training examples: a 32 px patch
-then sees each shape at many offsets; centred, one-object scenes learn shape in ~10k examples.) Image sizes (48 to 192 px,
-aspect ratios up to 2) make the anyres grid pick 1x1 up to 3x3 tiles of 64 px; in the 64 px
-overview tile every layout cell is one 32 px patch of the shipped model.
+then sees each shape at many offsets; centred, one-object scenes learn shape in ~10k examples.)
+Image sizes (48 to 192 px, aspect ratios up to 2) make the anyres grid pick 1x1 up to 3x3 tiles of
+64 px; in the 64 px overview tile every layout cell is one 32 px patch of the shipped model.
 
 Question types: colour, shape, count, relation (left/right, above/below) and two_step ("What colour
-is the shape left of the square?"). Example `i` of a split depends only on (split, seed, i).
+is the shape left of the square?"). Example `i` of a split depends only on (split, seed, i) and, for
+the training curriculum's simpler scenes, `max_objects`.
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ def _question(scene: Scene, kind: str, rng: random.Random) -> tuple[str, str] | 
 def make_example(split: str, seed: int, index: int, max_objects: int = MAX_OBJECTS) -> Example:
     """Example `index` of `split`: a function of (split, seed, index, max_objects) only.
 
-    `max_objects` < 4 gives the simpler scenes of the training curriculum (benchmarks/demo_model/train.py).
+    `max_objects` < MAX_OBJECTS gives the simpler scenes of the training curriculum (benchmarks/demo_model/train.py).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")

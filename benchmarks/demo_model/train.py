@@ -163,11 +163,8 @@ def make_tokenizer(folder: Path, seed: int, vocab_size: int) -> int:
 
 
 def max_objects_at(step: int, stage_steps: int) -> int:
-    """The curriculum: one object per scene for the first `stage_steps` steps, then up to 2, 3 and 4.
-
-    Shape is learnt in one-object scenes long before the model learns to pick out the object a
-    question names; without this stage, shape stayed at chance in 1,500-step probes.
-    """
+    """The curriculum (see the module's docstring): one object per scene for the first `stage_steps`
+    steps, then up to 2, 3 and 4."""
     return MAX_OBJECTS if stage_steps <= 0 else min(MAX_OBJECTS, 1 + step // stage_steps)
 
 
