@@ -175,21 +175,33 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, minutes: float | None,
-          vocab_size: int = 1024, warmup: int = 150, weight_decay: float = 0.1, vision_lr_scale: float = 1.0,
-          curriculum_steps: int = 1500,
-          log_every: int = 50, threads: int = 2, save_every: int | None = None,
-          stop_after: int | None = None) -> LladaV:
-    torch.set_num_threads(threads)
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training recipe; its defaults are the shipped model's."""
+    steps: int = 11000
+    batch_size: int = 16
+    lr: float = 2e-4
+    weight_decay: float = 0.1
+    warmup: int = 150
+    vision_lr_scale: float = 1.0  # learning-rate factor of the image path
+    curriculum_steps: int = 1500  # steps per stage of the 1, 2, 3 -> 4 objects-per-scene curriculum (0: none)
+    seed: int = 0
+    vocab_size: int = 1024
+    threads: int = 2
+
+
+def train(out: Path, cfg: TrainConfig = TrainConfig(), minutes: float | None = None, log_every: int = 50,
+          save_every: int | None = None, stop_after: int | None = None) -> LladaV:
+    torch.set_num_threads(cfg.threads)
     with tempfile.TemporaryDirectory() as tmp:
         tok_dir = Path(tmp)
-        vocab = make_tokenizer(tok_dir, seed, vocab_size)
+        vocab = make_tokenizer(tok_dir, cfg.seed, cfg.vocab_size)
         tokenizer = load_tokenizer(tok_dir)
         model = LladaV(tiny_config(vocab_size=vocab))
-        init_weights(model, seed)
+        init_weights(model, cfg.seed)
         encoder = Encoder(tokenizer, model.config)
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"vocab {vocab}, {n_params / 1e6:.2f}M parameters, {steps} steps of {batch_size}")
+        print(f"vocab {vocab}, {n_params / 1e6:.2f}M parameters, {cfg.steps} steps of {cfg.batch_size}")
         # Parameter groups: matrices decay, embeddings/norms/biases don't; the image path (vision tower,
         # projector, image_newline) may take a smaller learning rate.
         groups: dict[tuple[bool, bool], list] = {}
@@ -197,18 +209,20 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, minutes:
             decays = p.dim() > 1 and "embed_tokens" not in n
             image_path = not n.startswith("denoiser.")
             groups.setdefault((decays, image_path), []).append(p)
-        opt = torch.optim.AdamW([{"params": ps, "weight_decay": weight_decay if decays else 0.0,
-                                  "lr_scale": vision_lr_scale if image_path else 1.0}
-                                 for (decays, image_path), ps in groups.items()], lr=lr, betas=(0.9, 0.99))
-        generator = torch.Generator().manual_seed(seed)
+        opt = torch.optim.AdamW([{"params": ps, "weight_decay": cfg.weight_decay if decays else 0.0,
+                                  "lr_scale": cfg.vision_lr_scale if image_path else 1.0}
+                                 for (decays, image_path), ps in groups.items()], lr=cfg.lr, betas=(0.9, 0.99))
+        generator = torch.Generator().manual_seed(cfg.seed)
         start, running = time.time(), None
-        bar = tqdm(range(steps), desc="train", dynamic_ncols=True)
+        bar = tqdm(range(cfg.steps), desc="train", dynamic_ncols=True)
         for step in bar:
-            max_objects = max_objects_at(step, curriculum_steps)
-            examples = [make_example("train", seed, step * batch_size + j, max_objects) for j in range(batch_size)]
+            max_objects = max_objects_at(step, cfg.curriculum_steps)
+            examples = [make_example("train", cfg.seed, step * cfg.batch_size + j, max_objects)
+                        for j in range(cfg.batch_size)]
             batch = [encoder.encode(ex.image, ex.question, ex.answer) for ex in examples]
+            step_lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, steps, lr, warmup) * group["lr_scale"]
+                group["lr"] = step_lr * group["lr_scale"]
             loss = training_step(model, batch, encoder.special.mask, generator)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -218,13 +232,13 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, minutes:
             if not math.isfinite(value):
                 raise FloatingPointError(f"loss became {value} at step {step}")
             running = value if running is None else 0.98 * running + 0.02 * value
-            bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr_at(step, steps, lr, warmup):.2e}", objects=max_objects)
-            if step % log_every == 0 or step == steps - 1:
+            bar.set_postfix(loss=f"{running:.4f}", lr=f"{step_lr:.2e}", objects=max_objects)
+            if step % log_every == 0 or step == cfg.steps - 1:
                 tqdm.write(f"step {step:5d}  loss {running:.4f}  {time.time() - start:7.1f}s")
-            if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
+            if save_every and (step + 1) % save_every == 0 and step + 1 < cfg.steps:
                 save_model(model, out, tokenizer_folder=tok_dir)  # a usable checkpoint while training goes on
             if stop_after is not None and step + 1 >= stop_after:
-                tqdm.write(f"stopping after step {step + 1} of the {steps}-step schedule (--stop-after)")
+                tqdm.write(f"stopping after step {step + 1} of the {cfg.steps}-step schedule (--stop-after)")
                 break
             if minutes is not None and time.time() - start > 60 * minutes:
                 tqdm.write(f"stopping at step {step + 1}: the {minutes} minute budget is spent")
@@ -236,26 +250,29 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, minutes:
 
 
 def main() -> None:
+    recipe = TrainConfig()
     parser = argparse.ArgumentParser(description="train the shipped demo LLaDA-V on the synthetic visual QA task")
     parser.add_argument("--out", type=Path, default=SHIPPED_MODEL_DIR, help="checkpoint folder (default: the shipped model)")
-    parser.add_argument("--steps", type=int, default=11000)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--weight-decay", type=float, default=0.1)
-    parser.add_argument("--warmup", type=int, default=150)
-    parser.add_argument("--vision-lr-scale", type=float, default=1.0, help="learning rate factor of the image path")
-    parser.add_argument("--curriculum-steps", type=int, default=1500,
+    parser.add_argument("--steps", type=int, default=recipe.steps)
+    parser.add_argument("--batch-size", type=int, default=recipe.batch_size)
+    parser.add_argument("--lr", type=float, default=recipe.lr)
+    parser.add_argument("--weight-decay", type=float, default=recipe.weight_decay)
+    parser.add_argument("--warmup", type=int, default=recipe.warmup)
+    parser.add_argument("--vision-lr-scale", type=float, default=recipe.vision_lr_scale,
+                        help="learning rate factor of the image path")
+    parser.add_argument("--curriculum-steps", type=int, default=recipe.curriculum_steps,
                         help="steps per stage of the 1, 2, 3 -> 4 objects-per-scene curriculum (0: none)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=recipe.seed)
+    parser.add_argument("--threads", type=int, default=recipe.threads)
     parser.add_argument("--minutes", type=float, default=None, help="stop early once this much time is spent")
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--save-every", type=int, default=None, help="also save the checkpoint every N steps")
     parser.add_argument("--stop-after", type=int, default=None,
                         help="stop after N steps of the --steps schedule (reproduces a --save-every checkpoint)")
     args = parser.parse_args()
-    train(args.out, args.steps, args.batch_size, args.lr, args.seed, args.minutes, threads=args.threads,
-          save_every=args.save_every, weight_decay=args.weight_decay, warmup=args.warmup,
-          vision_lr_scale=args.vision_lr_scale, curriculum_steps=args.curriculum_steps, stop_after=args.stop_after)
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                      warmup=args.warmup, vision_lr_scale=args.vision_lr_scale,
+                      curriculum_steps=args.curriculum_steps, seed=args.seed, threads=args.threads)
+    train(args.out, cfg, minutes=args.minutes, save_every=args.save_every, stop_after=args.stop_after)
 
 
 if __name__ == "__main__":
