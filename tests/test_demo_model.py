@@ -10,10 +10,11 @@ from benchmarks.demo_model import data
 from benchmarks.demo_model.data import Scene, Shape, draw, make_example
 from benchmarks.demo_model.evaluate import accuracy, normalize
 from benchmarks.demo_model.train import (Encoder, diffusion_loss, init_weights, make_tokenizer, mask_response,
-                                         max_objects_at, training_step)
+                                         training_step)
 from llada_v import LladaV, load_tokenizer
 from llada_v.config import tiny_config
 from llada_v.image_processing import preprocess
+from llada_v.tiny import VISION_POSITION_STD
 from llada_v.tokenizer import SYSTEM_PROMPT
 
 
@@ -55,18 +56,25 @@ def test_objects_are_centred_in_their_cells():
             assert 0.7 * min(cell_w, cell_h) - 1 <= x1 - x0 <= 0.9 * min(cell_w, cell_h) + 1
 
 
-def test_curriculum_scenes():
-    assert [max_objects_at(step, 1000) for step in (0, 999, 1000, 2999, 3000, 50_000)] == [1, 1, 2, 3, 4, 4]
-    assert max_objects_at(0, 0) == data.MAX_OBJECTS  # no curriculum
-    one = [make_example("train", 0, i, max_objects=1) for i in range(60)]
-    assert all(len(ex.scene.objects) == 1 and ex.kind in data.ONE_OBJECT_TYPES for ex in one)
-    assert {ex.kind for ex in one} == set(data.ONE_OBJECT_TYPES)
-    two = [make_example("train", 0, i, max_objects=2) for i in range(60)]
-    assert max(len(ex.scene.objects) for ex in two) == 2 and {ex.kind for ex in two} == set(data.QUESTION_TYPES)
-    with pytest.raises(ValueError, match="max_objects"):
-        make_example("eval", 0, 0, max_objects=1)  # the held-out split is always the full task
-    with pytest.raises(ValueError, match="max_objects"):
-        make_example("train", 0, 0, max_objects=5)
+def test_perception_examples_are_one_object_on_one_tile():
+    cfg = tiny_config(vocab_size=512)
+    examples = [make_example("train", 0, i, perception=True) for i in range(40)]
+    assert all(len(ex.scene.objects) == 1 and ex.kind == "shape" for ex in examples)
+    assert {preprocess(ex.image, cfg).grid for ex in examples} == {(1, 1)}
+    with pytest.raises(ValueError, match="held-out split is the full task"):
+        make_example("eval", 0, 0, perception=True)
+
+
+def test_init_weights_scales():
+    model = LladaV(tiny_config(vocab_size=512))
+    init_weights(model, 0)
+    position = model.vision_tower.embeddings.position_embedding.weight
+    assert abs(position.std().item() - VISION_POSITION_STD) < 0.1 * VISION_POSITION_STD
+    q_proj = model.denoiser.layers[0].self_attn.q_proj.weight  # [out, fan_in]
+    assert abs(q_proj.std().item() * q_proj.shape[1] ** 0.5 - 1) < 0.05
+    patches = model.vision_tower.embeddings.patch_embedding.weight  # fan_in = 3 * 32 * 32
+    assert abs(patches.std().item() * patches[0].numel() ** 0.5 - 1) < 0.05
+    assert abs(model.denoiser.embed_tokens.weight.std().item() - 0.02) < 0.002
 
 
 def _scene() -> Scene:

@@ -11,7 +11,7 @@ Image sizes (48 to 192 px, aspect ratios up to 2) make the anyres grid pick 1x1 
 
 Question types: colour, shape, count, relation (left/right, above/below) and two_step ("What colour
 is the shape left of the square?"). Example `i` of a split depends only on (split, seed, i) and, for
-the training curriculum's simpler scenes, `max_objects`.
+the training curriculum's first stage, `perception`.
 """
 
 from __future__ import annotations
@@ -29,8 +29,6 @@ SPLITS = ("train", "eval")
 EVAL_SIZE = 200
 LAYOUT = 2  # every scene is a 2x2 grid of cells, one object at most per cell
 MAX_OBJECTS = LAYOUT * LAYOUT
-# What the curriculum's one-object scenes ask: colour and count are trivial with one object.
-ONE_OBJECT_TYPES = ("shape",)
 # "left of" a cell = a smaller column; "above" = a smaller row.
 DIRECTIONS = {"left of": (-1, 0), "right of": (1, 0), "above": (0, -1), "below": (0, 1)}
 
@@ -59,18 +57,19 @@ class Example:
     scene: Scene
 
 
-def _random_size(rng: random.Random) -> tuple[int, int]:
-    if rng.random() < 0.2:  # a single 64 px tile
+def _random_size(rng: random.Random, single_tile: bool = False) -> tuple[int, int]:
+    if single_tile or rng.random() < 0.2:  # a single 64 px tile
         return rng.randint(48, 64), rng.randint(48, 64)
     width = rng.randint(64, 192)
     height = rng.randint(max(64, width // 2), min(192, 2 * width))  # aspect ratio at most 2
     return width, height
 
 
-def random_scene(rng: random.Random, max_objects: int = MAX_OBJECTS) -> Scene:
-    width, height = _random_size(rng)
+def random_scene(rng: random.Random, perception: bool = False) -> Scene:
+    """1 to MAX_OBJECTS objects; `perception`: exactly one, on a single 64 px tile."""
+    width, height = _random_size(rng, single_tile=perception)
     cell_w, cell_h = width / LAYOUT, height / LAYOUT
-    n = rng.randint(1, max_objects)
+    n = 1 if perception else rng.randint(1, MAX_OBJECTS)
     cells = rng.sample([(c, r) for r in range(LAYOUT) for c in range(LAYOUT)], n)
     shapes = rng.sample(SHAPES, n)
     colours = rng.sample(sorted(COLOURS), n)
@@ -144,20 +143,23 @@ def _question(scene: Scene, kind: str, rng: random.Random) -> tuple[str, str] | 
     return f"What shape is {direction} {_name(ref, rng)}?", target.shape
 
 
-def make_example(split: str, seed: int, index: int, max_objects: int = MAX_OBJECTS) -> Example:
-    """Example `index` of `split`: a function of (split, seed, index, max_objects) only.
+def make_example(split: str, seed: int, index: int, perception: bool = False) -> Example:
+    """Example `index` of `split`: a function of (split, seed, index, perception) only.
 
-    `max_objects` < MAX_OBJECTS gives the simpler scenes of the training curriculum (benchmarks/demo_model/train.py).
+    `perception` gives the first stage of the training curriculum (benchmarks/demo_model/train.py): one
+    object on a single tile, and the question asks its shape.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if not 1 <= max_objects <= MAX_OBJECTS or (split == "eval" and max_objects != MAX_OBJECTS):
-        raise ValueError(f"max_objects must be 1 to {MAX_OBJECTS} (always {MAX_OBJECTS} for eval), got {max_objects}")
+    if perception and split == "eval":
+        raise ValueError("the held-out split is the full task: perception examples are for training only")
     rng = random.Random(f"{split}:{seed}:{index}")
-    kinds = ONE_OBJECT_TYPES if max_objects == 1 else QUESTION_TYPES
-    kind = QUESTION_TYPES[index % len(QUESTION_TYPES)] if split == "eval" else rng.choice(kinds)
+    if perception:
+        kind = "shape"
+    else:
+        kind = QUESTION_TYPES[index % len(QUESTION_TYPES)] if split == "eval" else rng.choice(QUESTION_TYPES)
     while True:  # redraw the scene until the question type has an answer in it
-        scene = random_scene(rng, max_objects)
+        scene = random_scene(rng, perception)
         qa = _question(scene, kind, rng)
         if qa is not None:
             return Example(draw(scene), qa[0], qa[1], kind, scene)

@@ -9,12 +9,12 @@ cross-entropy on masked tokens weighted by 1/t and divided by the response lengt
 tower, projector and denoiser are trained together, through the real LLaDA-V path: preprocess ->
 encode_tiles -> merge_tile_embeddings -> spliced into the embedded prompt -> denoiser.
 
-A curriculum eases the model in: the first `--curriculum-steps` steps show one object per scene and ask its
-shape (perception first: mixed in with the full task, shape stayed at chance), the next stages allow up to
-2, then 3 objects, and the rest is the full task.
+A curriculum of two stages: for the first `--perception-steps` steps each image is one object on a single
+64 px tile and the question asks its shape (perception first: mixed in with the full task, shape stayed at
+chance); the rest is the full task.
 
 The shipped weights are this command with its defaults (fixed seed, fp32, 2 threads): 11,000 steps of 16
-examples, 29 minutes on this project's 2-core machine. A different thread count changes float summation
+examples, 28 minutes on this project's 2-core machine. A different thread count changes float summation
 order, so weights come out close but not bitwise equal. `--minutes` only stops a run early on a slower
 machine; `--stop-after N` reproduces a `--save-every` checkpoint of the same schedule.
 
@@ -43,7 +43,7 @@ from llada_v.image_processing import ImageTiles, merge_tile_embeddings, preproce
 from llada_v.tiny import build_tokenizer, init_weights
 from llada_v.tokenizer import SYSTEM_PROMPT, load_tokenizer
 
-from .data import MAX_OBJECTS, corpus, make_example, prompt_text
+from .data import corpus, make_example, prompt_text
 
 RESPONSE_LENGTH = 8
 MASK_EPS = 1e-3  # LLaDA's forward process: t is drawn from [eps, 1] so 1/t stays bounded
@@ -162,12 +162,6 @@ def make_tokenizer(folder: Path, seed: int, vocab_size: int) -> int:
     return build_tokenizer(corpus(seed) + roles, folder, vocab_size, phrases=(SYSTEM_PROMPT,))
 
 
-def max_objects_at(step: int, stage_steps: int) -> int:
-    """The curriculum (see the module's docstring): one object per scene for the first `stage_steps`
-    steps, then up to 2, 3 and 4."""
-    return MAX_OBJECTS if stage_steps <= 0 else min(MAX_OBJECTS, 1 + step // stage_steps)
-
-
 def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -184,7 +178,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     warmup: int = 150
     vision_lr_scale: float = 1.0  # learning-rate factor of the image path
-    curriculum_steps: int = 1500  # steps per stage of the 1, 2, 3 -> 4 objects-per-scene curriculum (0: none)
+    perception_steps: int = 1000  # the curriculum's first stage: one object per image, its shape asked
     seed: int = 0
     vocab_size: int = 1024
     threads: int = 2
@@ -216,8 +210,8 @@ def train(out: Path, cfg: TrainConfig = TrainConfig(), minutes: float | None = N
         start, running = time.time(), None
         bar = tqdm(range(cfg.steps), desc="train", dynamic_ncols=True)
         for step in bar:
-            max_objects = max_objects_at(step, cfg.curriculum_steps)
-            examples = [make_example("train", cfg.seed, step * cfg.batch_size + j, max_objects)
+            perception = step < cfg.perception_steps
+            examples = [make_example("train", cfg.seed, step * cfg.batch_size + j, perception)
                         for j in range(cfg.batch_size)]
             batch = [encoder.encode(ex.image, ex.question, ex.answer) for ex in examples]
             step_lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
@@ -232,7 +226,7 @@ def train(out: Path, cfg: TrainConfig = TrainConfig(), minutes: float | None = N
             if not math.isfinite(value):
                 raise FloatingPointError(f"loss became {value} at step {step}")
             running = value if running is None else 0.98 * running + 0.02 * value
-            bar.set_postfix(loss=f"{running:.4f}", lr=f"{step_lr:.2e}", objects=max_objects)
+            bar.set_postfix(loss=f"{running:.4f}", lr=f"{step_lr:.2e}", stage="perception" if perception else "full")
             if step % log_every == 0 or step == cfg.steps - 1:
                 tqdm.write(f"step {step:5d}  loss {running:.4f}  {time.time() - start:7.1f}s")
             if save_every and (step + 1) % save_every == 0 and step + 1 < cfg.steps:
@@ -260,8 +254,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=recipe.warmup)
     parser.add_argument("--vision-lr-scale", type=float, default=recipe.vision_lr_scale,
                         help="learning rate factor of the image path")
-    parser.add_argument("--curriculum-steps", type=int, default=recipe.curriculum_steps,
-                        help="steps per stage of the 1, 2, 3 -> 4 objects-per-scene curriculum (0: none)")
+    parser.add_argument("--perception-steps", type=int, default=recipe.perception_steps,
+                        help="the curriculum's first stage: one object per image, its shape asked (0: none)")
     parser.add_argument("--seed", type=int, default=recipe.seed)
     parser.add_argument("--threads", type=int, default=recipe.threads)
     parser.add_argument("--minutes", type=float, default=None, help="stop early once this much time is spent")
@@ -271,7 +265,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                       warmup=args.warmup, vision_lr_scale=args.vision_lr_scale,
-                      curriculum_steps=args.curriculum_steps, seed=args.seed, threads=args.threads)
+                      perception_steps=args.perception_steps, seed=args.seed, threads=args.threads)
     train(args.out, cfg, minutes=args.minutes, save_every=args.save_every, stop_after=args.stop_after)
 
 
