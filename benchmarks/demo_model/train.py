@@ -22,6 +22,7 @@ The learning rate is low on purpose: with one-token answers, Eq. 1 weights a mas
 its gradient has E[1/t] = ln(1/eps) ~ 7 times the variance of plain cross-entropy. At 5e-4 to 1e-3 the
 model never left the answer-from-the-question-alone plateau (loss ~0.17); at 1.5e-4 to 2e-4 it did. (At
 1e-3 even plain cross-entropy did not learn shapes in one-object scenes, which 2e-4 learns in 1,000 steps.)
+These were measured with the earlier N(0, 0.02) initialisation (see llada_v/tiny.py), not the current one.
 """
 
 from __future__ import annotations
