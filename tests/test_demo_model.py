@@ -37,6 +37,7 @@ def test_splits_are_disjoint_and_eval_is_balanced():
     assert not {_digest(e) for e in evals} & {_digest(e) for e in trains}
     counts = {k: sum(e.kind == k for e in evals) for k in data.QUESTION_TYPES}
     assert set(counts.values()) == {100 // len(data.QUESTION_TYPES)}
+    assert {e.kind for e in trains} == set(data.TRAINING_TYPES)  # training adds "position"; the held-out split does not
 
 
 def test_images_exercise_several_tile_grids():
@@ -56,11 +57,24 @@ def test_objects_are_centred_in_their_cells():
             assert 0.7 * min(cell_w, cell_h) - 1 <= x1 - x0 <= 0.9 * min(cell_w, cell_h) + 1
 
 
-def test_perception_examples_are_one_object_on_one_tile():
+def _half(obj: Shape, question: str) -> str:
+    """The answer to a position question: the half of the image the object is in, by its layout column or row."""
+    column, row = obj.cell
+    return ("left", "right")[column] if "left or right" in question else ("above", "below")[row]
+
+
+def test_perception_examples_ask_about_one_object_on_one_tile():
     cfg = tiny_config(vocab_size=512)
     examples = [make_example("train", 0, i, perception=True) for i in range(40)]
-    assert all(len(ex.scene.objects) == 1 and ex.kind == "shape" for ex in examples)
+    assert all(len(ex.scene.objects) == 1 for ex in examples)
+    assert {ex.kind for ex in examples} == set(data.PERCEPTION_TYPES)
     assert {preprocess(ex.image, cfg).grid for ex in examples} == {(1, 1)}
+    for ex in examples:
+        (obj,) = ex.scene.objects
+        if ex.kind == "shape":
+            assert ex.answer == obj.shape
+        else:
+            assert ex.answer == _half(obj, ex.question)
     with pytest.raises(ValueError, match="held-out split is the full task"):
         make_example("eval", 0, 0, perception=True)
 
@@ -115,6 +129,9 @@ def test_answers_follow_the_scene():
             assert ex.answer == next(o.colour for o in objs if f"the {o.shape}?" in ex.question)
         if ex.kind == "shape":
             assert ex.answer == next(o.shape for o in objs if f"the {o.colour} one" in ex.question)
+        if ex.kind == "position":
+            (obj,) = [o for o in objs if f"the {o.shape} " in ex.question or f"the {o.colour} shape" in ex.question]
+            assert ex.answer == _half(obj, ex.question)
 
 
 def test_hand_checked_questions():

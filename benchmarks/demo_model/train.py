@@ -10,11 +10,12 @@ tower, projector and denoiser are trained together, through the real LLaDA-V pat
 encode_tiles -> merge_tile_embeddings -> spliced into the embedded prompt -> denoiser.
 
 A curriculum of two stages: for the first `--perception-steps` steps each image is one object on a single
-64 px tile and the question asks its shape (perception first: mixed in with the full task, shape stayed at
-chance); the rest is the full task.
+64 px tile and the question asks its shape or which half of the image it is in (perception first: mixed in with the full task,
+shape stayed at chance); the rest is the full task, position questions included so that reading an object's
+place is not forgotten.
 
 The shipped weights are this command with its defaults (fixed seed, fp32, 2 threads): 11,000 steps of 16
-examples, 28 minutes on this project's 2-core machine. A different thread count changes float summation
+examples, 25 minutes on this project's 2-core machine. A different thread count changes float summation
 order, so weights come out close but not bitwise equal. `--minutes` only stops a run early on a slower
 machine; `--stop-after N` reproduces a `--save-every` checkpoint of the same schedule.
 
@@ -179,7 +180,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     warmup: int = 150
     vision_lr_scale: float = 1.0  # learning-rate factor of the image path
-    perception_steps: int = 1000  # the curriculum's first stage: one object per image, its shape asked
+    perception_steps: int = 1000  # the curriculum's first stage: one object per image, its shape or position asked
     seed: int = 0
     vocab_size: int = 1024
     threads: int = 2
@@ -256,7 +257,7 @@ def main() -> None:
     parser.add_argument("--vision-lr-scale", type=float, default=recipe.vision_lr_scale,
                         help="learning rate factor of the image path")
     parser.add_argument("--perception-steps", type=int, default=recipe.perception_steps,
-                        help="the curriculum's first stage: one object per image, its shape asked (0: none)")
+                        help="the curriculum's first stage: one object per image, its shape or position asked (0: none)")
     parser.add_argument("--seed", type=int, default=recipe.seed)
     parser.add_argument("--threads", type=int, default=recipe.threads)
     parser.add_argument("--minutes", type=float, default=None, help="stop early once this much time is spent")
