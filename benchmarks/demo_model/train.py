@@ -10,9 +10,9 @@ tower, projector and denoiser are trained together, through the real LLaDA-V pat
 encode_tiles -> merge_tile_embeddings -> spliced into the embedded prompt -> denoiser.
 
 A curriculum of two stages: for the first `--perception-steps` steps each image is one object on a single
-64 px tile and the question asks its shape or which half of the image it is in (perception first: mixed in with the full task,
-shape stayed at chance); the rest is the full task, position questions included so that reading an object's
-place is not forgotten.
+64 px tile and the question asks its shape or which half of the image it is in (perception first: mixed in
+with the full task, shape stayed at chance); the rest is the full task, position questions included so that
+reading an object's place is not forgotten.
 
 The shipped weights are this command with its defaults (fixed seed, fp32, 2 threads): 11,000 steps of 16
 examples, 25 minutes on this project's 2-core machine. A different thread count changes float summation
