@@ -60,8 +60,8 @@ VISION_POSITION_STD = 0.5
 
 
 def init_weights(model: LladaV, seed: int) -> None:
-    """Seeded random weights: N(0, 1/fan_in) matrices, N(0, 0.02^2) token embeddings and `image_newline`,
-    N(0, VISION_POSITION_STD^2) vision position embeddings, zero biases, identity norms."""
+    """Seeded random weights: N(0, 1/fan_in) matrices, N(0, TOKEN_EMBEDDING_STD^2) token embeddings and
+    `image_newline`, N(0, VISION_POSITION_STD^2) vision position embeddings, zero biases, identity norms."""
     torch.manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -257,7 +257,8 @@ def main() -> None:
     parser.add_argument("--vision-lr-scale", type=float, default=recipe.vision_lr_scale,
                         help="learning rate factor of the image path")
     parser.add_argument("--perception-steps", type=int, default=recipe.perception_steps,
-                        help="the curriculum's first stage: one object per image, its shape or position asked (0: none)")
+                        help="the curriculum's first stage: one object per image, its shape or position asked "
+                             "(0: none)")
     parser.add_argument("--seed", type=int, default=recipe.seed)
     parser.add_argument("--threads", type=int, default=recipe.threads)
     parser.add_argument("--minutes", type=float, default=None, help="stop early once this much time is spent")
