@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 import llada_v
 from llada_v import CheckpointError, LladaV, LladaVConfig
-from llada_v.weights import checkpoint_files, copy_tokenizer
+from llada_v.weights import checkpoint_config, checkpoint_files, copy_tokenizer
 
 from . import trt_build
 from .manifest import EMBEDDINGS_FILE, Manifest, PartEntry, checkpoint_sha256
@@ -111,7 +111,7 @@ def _check_request(model_dir: Path, out_dir: Path, precision: str, backend: str,
     if not (model_dir / "tokenizer.json").is_file():
         raise BuildError(f"{model_dir} has no tokenizer.json: the engines folder must carry the checkpoint's tokenizer")
     try:
-        cfg = LladaVConfig.from_file(model_dir / "config.json")
+        cfg = checkpoint_config(model_dir)
         checkpoint_files(model_dir)  # reads the safetensors headers: missing, truncated or foreign files
     except CheckpointError as err:
         raise BuildError(str(err)) from err

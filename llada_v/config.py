@@ -77,6 +77,9 @@ class LladaVConfig:
     image_grid_pinpoints: tuple[tuple[int, int], ...] = default_grid_pinpoints(384)  # (width, height)
     # `anyres_max_4`: the merged grid feature map is shrunk when it holds more than 4 tiles' worth.
     max_tiles_before_shrink: int = 4
+    # The longest spliced prompt (image embeddings included), None for no limit. The official code
+    # silently truncates a longer prompt here (llava_arch.py:595-598); the runtime refuses it instead.
+    tokenizer_model_max_length: int | None = None
 
     def __post_init__(self):
         lm = self.language
@@ -97,6 +100,9 @@ class LladaVConfig:
     def from_dict(cls, raw: dict) -> "LladaVConfig":
         try:
             language = _pick(LanguageConfig, raw)
+            if raw.get("rope_scaling") is not None:
+                raise CheckpointError(f"rope_scaling {raw['rope_scaling']!r} is not implemented: LLaDA uses plain "
+                                      f"RoPE (rope_scaling null)")
             is_multimodal = "mm_vision_tower" in raw or "vision_config" in raw
             if not is_multimodal:
                 return cls(language=language, vision=None)
@@ -115,8 +121,10 @@ class LladaVConfig:
             match = re.fullmatch(r"anyres_max_(\d+)", aspect)
             if not match:
                 raise CheckpointError(f"unsupported image_aspect_ratio {aspect!r}; expected 'anyres_max_N'")
+            _refuse_unimplemented(raw)
             return cls(language=language, vision=vision, image_grid_pinpoints=pinpoints,
-                       max_tiles_before_shrink=int(match.group(1)))
+                       max_tiles_before_shrink=int(match.group(1)),
+                       tokenizer_model_max_length=_optional_length(raw, "tokenizer_model_max_length"))
         except (TypeError, KeyError) as err:
             raise CheckpointError(f"malformed config: {err}") from err
 
@@ -129,9 +137,12 @@ class LladaVConfig:
             vision["num_hidden_layers"] += 1  # stored as the SigLIP checkpoint's depth, see from_dict
             raw.update({"mm_vision_tower": "siglip", "vision_config": vision, "mm_vision_select_layer": -2,
                         "mm_hidden_size": self.vision.hidden_size, "mm_projector_type": "mlp2x_gelu",
-                        "mm_patch_merge_type": "spatial_unpad",
+                        "mm_patch_merge_type": "spatial_unpad", "mm_use_im_start_end": False,
+                        "mm_use_im_patch_token": False,
                         "image_aspect_ratio": f"anyres_max_{self.max_tiles_before_shrink}",
                         "image_grid_pinpoints": [list(p) for p in self.image_grid_pinpoints]})
+            if self.tokenizer_model_max_length is not None:
+                raw["tokenizer_model_max_length"] = self.tokenizer_model_max_length
         return raw
 
     @classmethod
@@ -166,6 +177,26 @@ def _pick(config_cls, raw: dict):
                 raise CheckpointError(f"malformed config: {f.name} must be positive, got {value!r}")
             values[f.name] = value
     return config_cls(**values)
+
+
+def _refuse_unimplemented(raw: dict) -> None:
+    """Multimodal settings the official code would honour and this project does not implement: an error,
+    never a silent difference. LLaDA-V is released with the values accepted here."""
+    merge = raw.get("mm_patch_merge_type", "flat")  # the official default when the key is absent
+    if merge != "spatial_unpad":
+        raise CheckpointError(f"unsupported mm_patch_merge_type {merge!r}: only LLaDA-V's 'spatial_unpad' is "
+                              f"implemented (the official code uses 'flat' when the key is absent)")
+    for key in ("mm_use_im_start_end", "mm_use_im_patch_token"):
+        if raw.get(key, False) is not False:
+            raise CheckpointError(f"{key} {raw[key]!r} is not supported: the official loader would add tokens "
+                                  f"with untrained embeddings; LLaDA-V is released with {key} false")
+
+
+def _optional_length(raw: dict, key: str) -> int | None:
+    value = raw.get(key)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+        raise CheckpointError(f"malformed config: {key} should be a positive integer or null, got {value!r}")
+    return value
 
 
 def _parse_pinpoints(raw, tile: int) -> tuple[tuple[int, int], ...]:

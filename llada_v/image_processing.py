@@ -1,7 +1,8 @@
 """LLaDA-V's image path around the vision tower (LLaVA-OneVision `anyres_max_N`, `spatial_unpad`).
 
 Before: pick the best tile grid for the image, resize keeping the aspect ratio, pad, cut into tiles
-and put a global view first. After the projector: lay the grid tiles out as one feature map, cut
+and put a global view first; or, for each image of a request with several, pad it to a square and
+take that one view ("pad"). Resizing happens in the image's own mode, RGB conversion last. After the projector: lay the grid tiles out as one feature map, cut
 the padding away, shrink it when it holds more than N tiles' worth, end every row with
 `image_newline`, and put the global view's embeddings first.
 (Mirrors llava/mm_utils.py and llava_arch.py of LLaVA-NeXT, which LLaDA-V uses.)
@@ -16,32 +17,43 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import LladaVConfig
 
 MEAN = STD = 0.5  # SigLIP's normalisation, per channel
 
 
+# Several images in one request are each padded to a square of this colour and seen as one tile, as the
+# official evaluation does (image_aspect_ratio "pad"): int(255 * mean) per channel (mm_utils.py:301-313, 332).
+PAD_BACKGROUND = (127, 127, 127)
+# Modes the official "pad" path handles as intended; others are converted to RGB first (fidelity.md).
+PAD_MODES = ("RGB", "RGBA")
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
 @dataclass(frozen=True)
 class ImageTiles:
     pixel_values: torch.Tensor  # [1 + cols * rows, 3, S, S] float32, global view first, grid row-major
     image_size: tuple[int, int]  # original (width, height)
-    grid: tuple[int, int]  # (cols, rows)
+    grid: tuple[int, int] | None  # (cols, rows); None for a padded square view alone ("pad")
 
 
 def load_image(image) -> Image.Image:
-    """A path, PIL image or RGB uint8 array [H, W, 3] -> RGB PIL image; ValueError when unusable."""
+    """A path, PIL image or RGB uint8 array [H, W, 3] -> PIL image, upright, in its own mode (the
+    official code resizes before converting to RGB, which decides how transparency and palettes look);
+    ValueError when unusable."""
     if isinstance(image, (str, Path)):
         try:
             with Image.open(image) as opened:
-                return opened.convert("RGB")
+                opened.load()
+                return _upright_8bit(opened)
         except FileNotFoundError as err:
             raise ValueError(f"image file {image} does not exist") from err
         except (UnidentifiedImageError, OSError) as err:
             raise ValueError(f"cannot read image {image}: not a readable image file ({err})") from err
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return _upright_8bit(image)
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] == 0 or image.shape[1] == 0:
             raise ValueError(f"an image array must be RGB with shape [H, W, 3], got {image.shape}")
@@ -49,6 +61,17 @@ def load_image(image) -> Image.Image:
             raise ValueError(f"an image array must be uint8 (0..255), got {image.dtype}")
         return Image.fromarray(image, "RGB")
     raise ValueError(f"an image must be a path, a PIL image or an RGB uint8 array, got {type(image).__name__}")
+
+
+def _upright_8bit(image: Image.Image) -> Image.Image:
+    """Two deliberate deviations from the official code, which would show the model another picture than
+    every viewer does: the EXIF orientation is applied, and 16-bit grayscale is scaled to 8 bits (PIL's
+    own conversion clips it, so the image turns white)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in SIXTEEN_BIT_MODES:
+        levels = np.asarray(image, dtype=np.float64) / 257.0
+        image = Image.fromarray(np.clip(np.round(levels), 0, 255).astype(np.uint8), "L")
+    return image
 
 
 def select_best_resolution(image_size: tuple[int, int], candidates) -> tuple[int, int]:
@@ -64,7 +87,15 @@ def select_best_resolution(image_size: tuple[int, int], candidates) -> tuple[int
     return best
 
 
+def resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Pillow's default filter, as the official `image.resize(size)` calls get it: nearest for
+    bilevel and palette images, bicubic otherwise (RGBA is resampled with premultiplied alpha)."""
+    nearest = image.mode in ("1", "P")
+    return image.resize(size, Image.Resampling.NEAREST if nearest else Image.Resampling.BICUBIC)
+
+
 def resize_and_pad(image: Image.Image, target: tuple[int, int]) -> Image.Image:
+    """Resized in its own mode, pasted onto a black RGB canvas (Pillow converts it, dropping alpha)."""
     target_w, target_h = target
     width, height = image.size
     if target_w / width < target_h / height:
@@ -72,23 +103,43 @@ def resize_and_pad(image: Image.Image, target: tuple[int, int]) -> Image.Image:
     else:
         new_w, new_h = min(math.ceil(width * target_h / height), target_w), target_h
     canvas = Image.new("RGB", (target_w, target_h), (0, 0, 0))
-    canvas.paste(image.resize((new_w, new_h), Image.Resampling.BICUBIC), ((target_w - new_w) // 2, (target_h - new_h) // 2))
+    canvas.paste(resize(image, (new_w, new_h)), ((target_w - new_w) // 2, (target_h - new_h) // 2))
+    return canvas
+
+
+def expand_to_square(image: Image.Image) -> Image.Image:
+    """The official `expand2square`: the image centred on a PAD_BACKGROUND square of its longer side."""
+    if image.mode not in PAD_MODES:
+        image = image.convert("RGB")
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), PAD_BACKGROUND)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
     return canvas
 
 
 def normalize(tile: Image.Image) -> torch.Tensor:
-    pixels = torch.from_numpy(np.asarray(tile, dtype=np.float32) / 255.0)
+    """The SigLIP processor: RGB last, then scale 1/255 and mean = std = 0.5."""
+    pixels = torch.from_numpy(np.asarray(tile.convert("RGB"), dtype=np.float32) / 255.0)
     return ((pixels - MEAN) / STD).permute(2, 0, 1)
 
 
-def preprocess(image, cfg: LladaVConfig) -> ImageTiles:
+def preprocess(image, cfg: LladaVConfig, aspect: str = "anyres") -> ImageTiles:
+    """One image -> its tiles. aspect "anyres": a global view and the best grid of tiles (one image in a
+    request); "pad": one padded square view (each image of a request with several, as the official code)."""
     if cfg.vision is None:
         raise ValueError("this model is text-only: it cannot take images")
     image = load_image(image)
     tile = cfg.vision.image_size
+    if aspect == "pad":
+        # The processor converts to RGB before it resizes, with bicubic whatever the mode.
+        square = expand_to_square(image).convert("RGB").resize((tile, tile), Image.Resampling.BICUBIC)
+        return ImageTiles(normalize(square)[None], image.size, None)
     best_w, best_h = select_best_resolution(image.size, cfg.image_grid_pinpoints)
     padded = resize_and_pad(image, (best_w, best_h))
-    tiles = [image.resize((tile, tile), Image.Resampling.BICUBIC)]
+    tiles = [resize(image, (tile, tile))]
     tiles += [padded.crop((x, y, x + tile, y + tile)) for y in range(0, best_h, tile) for x in range(0, best_w, tile)]
     return ImageTiles(torch.stack([normalize(t) for t in tiles]), image.size, (best_w // tile, best_h // tile))
 
@@ -108,7 +159,12 @@ def unpad(features: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
 
 def merge_tile_embeddings(tile_embeddings: torch.Tensor, tiles: ImageTiles, image_newline: torch.Tensor,
                           cfg: LladaVConfig) -> torch.Tensor:
-    """tile_embeddings [1 + cols * rows, T, C] -> the image's embeddings [M, C] for the prompt."""
+    """tile_embeddings [1 + cols * rows, T, C] -> the image's embeddings [M, C] for the prompt; a padded
+    square view alone ("pad") gives its T embeddings, with no image_newline (llava_arch.py:516)."""
+    if tiles.grid is None:
+        if tile_embeddings.shape[0] != 1:
+            raise ValueError(f"expected 1 tile embedding for a padded image, got {tile_embeddings.shape[0]}")
+        return tile_embeddings[0]
     side = cfg.vision.patches_per_side
     cols, rows = tiles.grid
     if tile_embeddings.shape[0] != 1 + cols * rows:

@@ -46,7 +46,19 @@ def load_tokenizer(folder: str | Path):
     folder = Path(folder)
     if not (folder / "tokenizer.json").is_file():
         raise CheckpointError(f"{folder} has no tokenizer.json: copy the checkpoint's tokenizer files into it")
-    return PreTrainedTokenizerFast.from_pretrained(str(folder))
+    try:
+        return PreTrainedTokenizerFast.from_pretrained(str(folder))
+    except Exception as err:  # tokenizers and transformers raise assorted types for malformed files
+        raise CheckpointError(f"cannot read the tokenizer in {folder} (tokenizer.json, tokenizer_config.json): "
+                              f"{type(err).__name__}: {err}") from err
+
+
+def with_image_placeholders(text: str, n_images: int) -> str:
+    """The user turn with `n_images` images and no `<image>` of its own: the placeholders joined by
+    spaces, then a newline, then the text (the official evaluation, llava_onevision_llada.py:524-526)."""
+    if not n_images:
+        return text
+    return " ".join([IMAGE_PLACEHOLDER] * n_images) + "\n" + text
 
 
 def conversation_ids(tokenizer, messages: list[dict]) -> list[int]:
@@ -54,13 +66,16 @@ def conversation_ids(tokenizer, messages: list[dict]) -> list[int]:
 
     messages: [{"role": "user"|"assistant", "content": str}], where a user turn may contain `<image>`
     placeholders; each becomes IMAGE_TOKEN_INDEX. A system turn is prepended unless one is given.
+    Tokenised as the official `tokenizer_image_token` (llava/mm_utils.py:343-355): the text is split at
+    every `<image>`, each chunk tokenised on its own, and, since the prompt starts with BOS, the first
+    token of every later chunk is dropped (so the `\n` written after `<image>` is not in the prompt).
     """
     if not messages or messages[0].get("role") != "system":
         messages = [{"role": "system", "content": SYSTEM_PROMPT}, *messages]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    ids: list[int] = []
-    for i, chunk in enumerate(text.split(IMAGE_PLACEHOLDER)):
-        if i:
-            ids.append(IMAGE_TOKEN_INDEX)
-        ids.extend(tokenizer(chunk, add_special_tokens=False)["input_ids"])
+    first, *rest = [tokenizer(chunk)["input_ids"] for chunk in text.split(IMAGE_PLACEHOLDER)]
+    offset = 1 if first and first[0] == tokenizer.bos_token_id else 0
+    ids = list(first)
+    for chunk in rest:
+        ids += [IMAGE_TOKEN_INDEX, *chunk[offset:]]
     return ids

@@ -4,6 +4,7 @@ explicitly dropped, every parameter is filled, every shape matches."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -15,6 +16,7 @@ from safetensors.torch import save_file
 
 from .config import CheckpointError, LladaVConfig
 from .model import LladaV
+from .tokenizer import load_tokenizer
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -34,6 +36,8 @@ KEY_MAP = (
 )
 # Tensors the released checkpoint carries that LLaDA-V never runs.
 DROPPED = (_VISION + "post_layernorm.", _VISION + "head.")
+# One row per vocabulary entry: cut to the tokenizer's length on load (see checkpoint_config).
+VOCABULARY_ROWS = ("denoiser.embed_tokens.weight", "denoiser.lm_head.weight")
 
 
 def to_module_key(key: str, cfg: LladaVConfig) -> str | None:
@@ -76,15 +80,35 @@ def checkpoint_files(folder: Path) -> dict[str, Path]:
     raise CheckpointError(f"{folder} has no {SINGLE_FILE} or {INDEX_FILE}: not a checkpoint folder")
 
 
+def checkpoint_config(folder: str | Path) -> LladaVConfig:
+    """The config of the model a checkpoint folder runs as: config.json with the vocabulary cut to the
+    tokenizer's length when the folder has a tokenizer, as the official loader does
+    (`model.resize_token_embeddings(len(tokenizer))`, llava/model/builder.py:303): the checkpoint's
+    padding rows (126,464 - 126,349 in LLaDA-V) are never predicted."""
+    folder = Path(folder)
+    cfg = LladaVConfig.from_file(folder / "config.json")
+    if not (folder / "tokenizer.json").is_file():
+        return cfg
+    rows = len(load_tokenizer(folder))
+    stored = cfg.language.vocab_size
+    if rows > stored:
+        raise CheckpointError(f"{folder}: the tokenizer has {rows} tokens but the model's vocabulary only {stored} "
+                              f"rows (vocab_size in config.json): the tokenizer belongs to another model")
+    return dataclasses.replace(cfg, language=dataclasses.replace(cfg.language, vocab_size=rows))
+
+
 def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LladaV:
-    """Build LladaV from a checkpoint folder (LLaDA-V, or a plain LLaDA language model)."""
+    """Build LladaV from a checkpoint folder (LLaDA-V, or a plain LLaDA language model), its vocabulary
+    cut to the tokenizer's length (checkpoint_config)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder {folder} does not exist")
-    cfg = LladaVConfig.from_file(folder / "config.json")
+    stored_vocab = LladaVConfig.from_file(folder / "config.json").language.vocab_size
+    cfg = checkpoint_config(folder)
     with torch.device("meta"):
         model = LladaV(cfg)
     expected = {name: p.shape for name, p in model.named_parameters()}
+    stored_shapes = {name: (stored_vocab, *expected[name][1:]) for name in VOCABULARY_ROWS if name in expected}
 
     state, unexpected = {}, []
     by_file: dict[Path, list[str]] = {}
@@ -101,10 +125,12 @@ def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: s
                         continue
                     if name is None:
                         continue
-                    tensor = f.get_tensor(key)
-                    if name in expected and tuple(tensor.shape) != tuple(expected[name]):
-                        raise CheckpointError(f"{key} in {path.name} has shape {tuple(tensor.shape)}, "
-                                              f"the config implies {tuple(expected[name])}")
+                    tensor = f.get_slice(key)
+                    shape = tuple(tensor.get_shape())
+                    implied = tuple(stored_shapes.get(name, expected.get(name, shape)))
+                    if shape != implied:
+                        raise CheckpointError(f"{key} in {path.name} has shape {shape}, the config implies {implied}")
+                    tensor = tensor[:cfg.language.vocab_size] if name in stored_shapes else tensor[:]
                     state[name] = tensor.to(device=device, dtype=dtype)
         except (OSError, SafetensorError) as err:
             raise CheckpointError(f"cannot read {path}: {err}") from err

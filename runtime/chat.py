@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from llada_v.tokenizer import IMAGE_PLACEHOLDER
+from llada_v.tokenizer import IMAGE_PLACEHOLDER, with_image_placeholders
 
 from .config import GenerationConfig
 from .pipeline import GenerationResult, Pipeline, Stream
@@ -44,7 +44,7 @@ class Conversation:
         new_images = Request(text, image).images
         placeholders = text.count(IMAGE_PLACEHOLDER)
         if placeholders == 0 and new_images:
-            text = f"{IMAGE_PLACEHOLDER}\n" * len(new_images) + text
+            text = with_image_placeholders(text, len(new_images))
         elif placeholders != len(new_images):
             raise ValueError(f"this turn has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(new_images)} "
                              f"image(s): put one {IMAGE_PLACEHOLDER} per image, in order (or none at all)")

@@ -87,7 +87,9 @@ class RowState:
             self.done = True  # early exit: <|eot_id|> is committed and everything before it is filled
             return
         block = answer[self.block * cfg.block_length:(self.block + 1) * cfg.block_length]
-        if special.mask not in block if cfg.threshold is not None else self.step == cfg.steps_per_block:
+        # A block ends when it has no masks left (the official loop leaves it at once, no no-op steps),
+        # or after its steps unless `threshold` decodes it.
+        if special.mask not in block or (cfg.threshold is None and self.step == cfg.steps_per_block):
             self.block, self.step, self.schedule = self.block + 1, 0, None
             self.done = self.block == cfg.num_blocks
 
@@ -173,13 +175,21 @@ class Decoder:
             columns = columns + self.offsets
             index = self.batch.rows_index(rows, always=True)
             current = self.batch.tokens[index].gather(1, columns)
+            # Once <|eot_id|> is committed, only the positions before it stay eligible (the official stop rule).
+            stops = torch.tensor([stop_position(self.answers[r], self.special.eot) for r in rows], device=device)
+            eligible = (current == self.special.mask) & (columns < stops[:, None])
             k = torch.tensor([0 if cfg.threshold is not None else self.rows[r].schedule[self.rows[r].step]
                               for r in rows], dtype=torch.int64, device=device)
-            x0, commit = self.remasker(logits, current == self.special.mask, k, [self.generators[r] for r in rows])
+            x0, commit = self.remasker(logits, eligible, k, [self.generators[r] for r in rows])
             self.batch.tokens[index] = self.batch.tokens[index].scatter(1, columns, torch.where(commit, x0, current))
         self.answers = self.batch.tokens.tolist()
         for r in rows:
             self.rows[r].advance(self.answers[r], cfg, self.special)
+
+
+def stop_position(answer: list[int], eot: int) -> int:
+    """Where the answer ends: its first <|eot_id|>, or its length while it has none."""
+    return answer.index(eot) if eot in answer else len(answer)
 
 
 @contextmanager

@@ -158,7 +158,13 @@ class Pipeline:
 
     def _check_length(self, prompts: list[torch.Tensor], cfg: GenerationConfig) -> None:
         limit = self.runner.max_sequence_length
+        prompt_limit = self.runner.config.tokenizer_model_max_length
         for prompt in prompts:
+            if prompt_limit is not None and len(prompt) > prompt_limit:
+                # The official code would silently cut the prompt here, assistant header included.
+                raise ValueError(f"the prompt takes {len(prompt)} positions (image embeddings included), more than "
+                                 f"the model's tokenizer_model_max_length {prompt_limit}: shorten the prompt or use "
+                                 f"fewer or smaller images")
             if len(prompt) + cfg.gen_length > limit:
                 raise ValueError(f"the prompt takes {len(prompt)} positions (image embeddings included) and "
                                  f"gen_length is {cfg.gen_length}: {len(prompt) + cfg.gen_length} exceeds the "

@@ -13,7 +13,7 @@ from PIL import Image
 
 from llada_v import IMAGE_TOKEN_INDEX, conversation_ids
 from llada_v.image_processing import ImageTiles, merge_tile_embeddings, preprocess
-from llada_v.tokenizer import IMAGE_PLACEHOLDER
+from llada_v.tokenizer import IMAGE_PLACEHOLDER, with_image_placeholders
 
 from .runner import Runner
 
@@ -26,8 +26,8 @@ class Request:
 
     prompt: text, or messages [{"role": "user"|"assistant"|"system", "content": str}].
     image: one image (path, PIL image or RGB uint8 array), a sequence of them, or None. Each `<image>`
-    in the prompt takes the next image; with no `<image>` at all, `<image>\\n` per image goes before
-    the (last) user question, as LLaDA-V formats it.
+    in the prompt takes the next image; with no `<image>` at all, the placeholders go before the (last)
+    user question, joined by spaces and followed by a newline, as the official evaluation writes them.
     """
 
     prompt: str | Sequence[dict]
@@ -56,7 +56,7 @@ class Request:
         n_images = len(self.images)
         placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
         if placeholders == 0 and n_images:
-            messages[-1]["content"] = f"{IMAGE_PLACEHOLDER}\n" * n_images + messages[-1]["content"]
+            messages[-1]["content"] = with_image_placeholders(messages[-1]["content"], n_images)
         elif placeholders != n_images:
             raise ValueError(f"the prompt has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {n_images} "
                              f"image(s) were given: put one {IMAGE_PLACEHOLDER} per image, in order (or none at all)")
@@ -74,12 +74,15 @@ def as_request(item) -> Request:
 
 
 def tile_images(requests: list[Request], runner: Runner) -> list[list[ImageTiles]]:
-    """Preprocess every request's images (ValueError for an unreadable image or a text-only model)."""
+    """Preprocess every request's images (ValueError for an unreadable image or a text-only model): one
+    image is tiled (anyres), each of several is padded to one square view, as the official evaluation
+    does (llava_onevision_llada.py:466-468)."""
     tiles = []
     for request in requests:
         if request.images and not runner.config.has_vision:
             raise ValueError("this model is text-only: it cannot take images")
-        tiles.append([preprocess(image, runner.config) for image in request.images])
+        aspect = "pad" if len(request.images) > 1 else "anyres"
+        tiles.append([preprocess(image, runner.config, aspect) for image in request.images])
     return tiles
 
 

@@ -38,7 +38,10 @@ def pil_image(seed: int) -> Image.Image:
     return Image.fromarray(image(seed, (150, 70)))
 
 
-# ---- the official loop, transcribed (GSAI-ML/LLaDA generate.py, with LLaDA-V's banned ids) ---------------
+# ---- the official loop, transcribed (modeling_llada.py generate_with_embeds, LLaDA-V's banned ids) --------
+# tests/test_fidelity.py holds the fuller transcription (prompt, images, mask detection by embedding); this one
+# adds the runtime's conventions for what the official code leaves open: seeded Gumbel noise and random
+# confidences per request, and the mask id banned.
 
 def get_num_transfer_tokens(mask_index, steps):
     mask_num = mask_index.sum(dim=1, keepdim=True)
@@ -51,11 +54,13 @@ def get_num_transfer_tokens(mask_index, steps):
 
 
 def official_prompt_embeds(model, tokenizer, prompt, images):
-    """The prompt's embeddings built from llada_v alone: text embedded, each image's merged tiles spliced in."""
-    content = "<image>\n" * len(images) + prompt
+    """The prompt's embeddings built from llada_v alone: text embedded, each image's merged tiles spliced in
+    (several images: each one padded square view)."""
+    content = " ".join(["<image>"] * len(images)) + "\n" + prompt if images else prompt
     ids = conversation_ids(tokenizer, [{"role": "user", "content": content}])
+    aspect = "pad" if len(images) > 1 else "anyres"
     image_embeds = iter([merge_tile_embeddings(model.encode_tiles(t.pixel_values), t, model.image_newline, model.config)
-                         for t in (preprocess(img, model.config) for img in images)])
+                         for t in (preprocess(img, model.config, aspect) for img in images)])
     pieces = [next(image_embeds) if i == IMAGE_TOKEN_INDEX else model.denoiser.embed_tokens(torch.tensor([i]))
               for i in ids]
     return torch.cat(pieces)
@@ -64,9 +69,10 @@ def official_prompt_embeds(model, tokenizer, prompt, images):
 @torch.no_grad()
 def official_generate(model, prompt_embeds, special, steps, gen_length, block_length, temperature=0.0,
                       remasking="low_confidence", seed=0):
-    """A full forward over the whole sequence each step, logits for every position, per-row top-k.
-    Gumbel noise and random confidences come from one generator seeded with `seed`, drawn for the block's
-    positions (the runtime's convention); masked positions ban the special ids and the mask id itself."""
+    """A full forward over the whole sequence each step, logits for every position, top-k; once <|eot_id|>
+    is committed only the positions before it compete, and the turn ends once they are filled; a block
+    ends once it has no masks. Gumbel noise and random confidences come from one generator seeded with
+    `seed`, drawn for the block's positions; masked positions ban the special ids and the mask id itself."""
     g = torch.Generator().manual_seed(seed)
     lp, vocab = prompt_embeds.shape[0], model.config.language.vocab_size
     length = lp + gen_length
@@ -78,12 +84,17 @@ def official_generate(model, prompt_embeds, special, steps, gen_length, block_le
     num_blocks = gen_length // block_length
     assert steps % num_blocks == 0
     steps = steps // num_blocks
+    stop = None
     for num_block in range(num_blocks):
         start, end = lp + num_block * block_length, lp + (num_block + 1) * block_length
+        if stop is not None and stop <= start:
+            break
         block_mask_index = x[:, start:end] == special.mask
         num_transfer_tokens = get_num_transfer_tokens(block_mask_index, steps)
         for i in range(steps):
             mask_index = x == special.mask
+            if stop is not None and not mask_index[0, lp:stop].any() or not mask_index[0, start:end].any():
+                break
             embeds = torch.cat([prompt_embeds[None], model.denoiser.embed_tokens(x[:, lp:])], dim=1)
             logits = model.denoiser(embeds, positions, attention, torch.arange(length)[None])[0]
             ban = torch.zeros(vocab, dtype=torch.bool)
@@ -100,14 +111,15 @@ def official_generate(model, prompt_embeds, special, steps, gen_length, block_le
             else:
                 x0_p = torch.zeros(x0.shape)
                 x0_p[:, start:end] = torch.rand((block_length,), generator=g)
-            x0_p[:, end:] = -np.inf
+            x0_p[:, end if stop is None else stop:] = -np.inf
             x0 = torch.where(mask_index, x0, x)
             confidence = torch.where(mask_index, x0_p, -np.inf)
-            transfer_index = torch.zeros_like(x0, dtype=torch.bool)
-            for j in range(confidence.shape[0]):
-                _, select_index = torch.topk(confidence[j], k=int(num_transfer_tokens[j, i]))
-                transfer_index[j, select_index] = True
-            x[transfer_index] = x0[transfer_index]
+            eligible = int(torch.isfinite(confidence).sum())  # the runtime commits no position that is not
+            _, select_index = torch.topk(confidence[0], k=min(int(num_transfer_tokens[0, i]), eligible))
+            x[0, select_index] = x0[0, select_index]
+            answer = x[0, lp:].tolist()
+            if special.eot in answer:
+                stop = lp + answer.index(special.eot)
     answer = x[0, lp:].tolist()
     return answer[:answer.index(special.eot)] if special.eot in answer else answer
 
