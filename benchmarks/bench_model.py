@@ -20,8 +20,9 @@ from llada_v.config import LanguageConfig, LladaVConfig, VisionConfig, default_g
 from llada_v.tiny import init_weights
 
 IMAGE_SIZE = 152  # 19 x 19 patches of 8 px: the global view (361) and one grid tile (19 x 20) give 741 tokens
-# More vocabulary rows than the tokenizer has, as in LLaDA. The head's share of a decoded position's
-# work (384 x 1024 against 4 layers of 1.8M weights, 5%) is close to LLaDA-8B's (7%).
+# More vocabulary rows than the tokenizer has, as in LLaDA; the loader cuts them to the tokenizer's 375
+# (docs/fidelity.md), so the head (384 x 375 against 4 layers of 1.8M weights) is 2% of a decoded
+# position's work, against 7% in LLaDA-8B.
 VOCAB_SIZE = 1024
 
 

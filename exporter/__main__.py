@@ -8,16 +8,22 @@ from pathlib import Path
 
 EXIT_BUILD_FAILED = 1
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 
 EPILOG = """\
 The output folder appears only when every part was exported and validated (and, with
 --backend tensorrt, built); on any failure nothing is written and an existing folder is kept.
+--force replaces an engines folder (one with a manifest.json), never a folder of other files.
+A second build into an --out that a running build is writing is refused.
 
 exit codes:
-  0  built
-  1  a part failed validation against PyTorch, or TensorRT failed to build it
-  2  bad input: missing or malformed checkpoint, unknown option value, non-empty --out without
-     --force, or --backend tensorrt without an NVIDIA GPU and the tensorrt package
+  0    built
+  1    a part failed validation against PyTorch, or TensorRT failed to build it
+  2    bad input: missing or malformed checkpoint, unknown option value, an --out that may not be
+       replaced (engines without --force, other files, a symbolic link) or cannot be written
+       (permissions, disk full), another build into --out running, or --backend tensorrt without
+       an NVIDIA GPU and the tensorrt package
+  130  interrupted (Ctrl-C)
 """
 
 
@@ -40,18 +46,33 @@ def _parser() -> argparse.ArgumentParser:
                        help="precision baked into the graphs (default: fp16; norms, softmax and RoPE stay fp32)")
     build.add_argument("--model", type=Path, metavar="DIR",
                        help="checkpoint folder: config.json, safetensors, tokenizer (default: the shipped tiny model)")
-    build.add_argument("--out", type=Path, default=Path("engines"), metavar="DIR",
+    build.add_argument("--out", type=_output_folder, default=Path("engines"), metavar="DIR",
                        help="output folder (default: ./engines)")
     build.add_argument("--backend", choices=("onnx", "tensorrt"), default="onnx",
                        help="onnx: ONNX parts only (default); tensorrt: also a TensorRT engine per part "
                             "(needs an NVIDIA GPU and `pip install '.[gpu]'`)")
-    build.add_argument("--force", action="store_true", help="replace a non-empty --out once the new build succeeded")
+    build.add_argument("--force", action="store_true",
+                       help="replace an engines folder at --out once the new build succeeded")
     build.add_argument("--quiet", action="store_true", help="no progress lines")
     return parser
 
 
+def _output_folder(text: str) -> Path:
+    if not text:  # Path("") is the current folder
+        raise argparse.ArgumentTypeError("is empty (an unset variable?): give the folder to write, e.g. --out engines")
+    return Path(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    try:
+        return _build(args)
+    except KeyboardInterrupt:
+        print("error: interrupted: nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _build(args: argparse.Namespace) -> int:
     from .build import BuildError, EngineBuildError, ValidationError, build_engines  # after parsing: --help stays fast
 
     try:

@@ -7,17 +7,26 @@ everything succeeded; on any failure (interrupt included) the staging folder is 
 existing `out_dir` is left as it was. Every part is exported before any is validated so that the
 export-precision model can be freed before the float32 reference is loaded (two full copies of an
 8B model plus an ONNX Runtime session would not fit otherwise).
+
+Beside `out_dir` (named after it, all hidden): `.<out>.lock`, held with flock for the whole build;
+`.<out>.building-<pid>-<hex>`, the staging folder; `.<out>.old`, the previous folder while the new one
+is renamed into place. A build killed with SIGKILL leaves its staging folder (and, killed while
+publishing, the `.old` one), which the next build cleans up; its lock file stays too, unlocked by the
+kernel, and the next build reuses it.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import gc
 import os
+import re
 import secrets
 import shutil
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import torch
@@ -28,7 +37,7 @@ from llada_v import CheckpointError, LladaV, LladaVConfig
 from llada_v.weights import checkpoint_config, checkpoint_files, copy_tokenizer
 
 from . import trt_build
-from .manifest import EMBEDDINGS_FILE, Manifest, PartEntry, checkpoint_sha256
+from .manifest import EMBEDDINGS_FILE, MANIFEST_FILE, Manifest, PartEntry, checkpoint_sha256
 from .onnx_export import EXTERNAL_DATA_THRESHOLD, PRECISIONS, TORCH_DTYPES, dim_ranges, export_part, part_specs
 from .trt_build import EngineBuildError
 from .validate import ValidationError, validate_part
@@ -42,7 +51,9 @@ __all__ = ["BACKENDS", "BuildError", "EngineBuildError", "ValidationError", "bui
 
 
 class BuildError(ValueError):
-    """The build request is wrong: bad checkpoint, precision, backend or output folder. Nothing was written."""
+    """The build cannot be done as asked: bad checkpoint, precision or backend, an output folder that may not
+    be replaced or cannot be written (permissions, disk full), or another build into it running. Nothing was
+    written."""
 
 
 def build_engines(model_dir: Path | None, out_dir: Path, precision: str = "fp16", backend: str = "onnx",
@@ -51,48 +62,36 @@ def build_engines(model_dir: Path | None, out_dir: Path, precision: str = "fp16"
     """Build the engines folder of a checkpoint (the shipped model when model_dir is None); returns out_dir.
 
     Raises BuildError for bad input, ValidationError when a part exceeds its tolerance, and
-    EngineBuildError when TensorRT fails; in every case nothing is left behind. `force` replaces an
-    existing non-empty out_dir (only once the new build succeeded). Parts whose weights exceed
-    external_data_threshold bytes keep them in `<part>.onnx_data`.
+    EngineBuildError when TensorRT fails; in every case nothing is left behind. An existing out_dir is
+    replaced (only once the new build succeeded) when it is empty, or with `force` when it is an engines
+    folder (it has a manifest.json); anything else is refused. While a build runs, a second build into
+    the same out_dir is refused, not queued. Parts whose weights exceed external_data_threshold bytes
+    keep them in `<part>.onnx_data`.
     """
     log = _Progress(progress)
     model_dir = Path(model_dir) if model_dir is not None else llada_v.SHIPPED_MODEL_DIR
-    out_dir = Path(out_dir).absolute()
-    cfg = _check_request(model_dir, out_dir, precision, backend, force)
+    out_dir = Path(os.path.abspath(out_dir))  # abspath, not absolute(): `..` must not stay in the name
+    cfg = _check_request(model_dir, out_dir, precision, backend)
     start = time.perf_counter()
-    with log.step(f"loading {model_dir} ({precision})"):
-        model = _load(model_dir, TORCH_DTYPES[PRECISIONS[precision]])
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.with_name(f".{out_dir.name}.building-{os.getpid()}-{secrets.token_hex(3)}")
-    staging.mkdir()
     try:
-        manifest = Manifest(precision, model_dir.absolute(), cfg.language.max_position_embeddings)
-        _export_all(model, cfg, precision, staging, manifest, external_data_threshold, log)
-        _write_support_files(model, cfg, model_dir, staging)
-        if precision != "fp32":
-            del model
-            gc.collect()
-            with log.step("loading the float32 reference"):
-                model = _load(model_dir, torch.float32)
-        _validate_all(model, cfg, precision, staging, manifest, log)
-        if backend == "tensorrt":
-            _build_plans(cfg, staging, out_dir, manifest, log)
-        with log.step("hashing the checkpoint's weights"):
-            manifest.checkpoint_sha256 = checkpoint_sha256(model_dir)
-        manifest.save(staging)
-        _apply_umask(staging)
-        _publish(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        with _parent_folders(out_dir), _build_lock(out_dir):
+            _remove_stale_staging(out_dir)
+            _finish_killed_publish(out_dir)
+            if reason := _replace_refusal(out_dir, force):
+                raise BuildError(reason)
+            with _staging_folder(out_dir) as staging:
+                manifest = _assemble(model_dir, cfg, precision, backend, staging, out_dir, external_data_threshold, log)
+                _publish(staging, out_dir, force)
+    except OSError as err:
+        hint = "free some space or choose another --out" if err.errno == errno.ENOSPC else "choose another --out"
+        raise BuildError(f"cannot write the engines folder {out_dir} ({err}): {hint}; nothing was written") from err
     log.line(f"built {out_dir} ({precision}, {backend}: {', '.join(manifest.parts)}) "
              f"in {time.perf_counter() - start:.1f} s")
     return out_dir
 
 
-def _check_request(model_dir: Path, out_dir: Path, precision: str, backend: str, force: bool) -> LladaVConfig:
-    """Everything that can be checked before any work; returns the checkpoint's config."""
+def _check_request(model_dir: Path, out_dir: Path, precision: str, backend: str) -> LladaVConfig:
+    """Everything that can be checked before touching the disk; returns the checkpoint's config."""
     if precision not in PRECISIONS:
         raise BuildError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if backend not in BACKENDS:
@@ -101,10 +100,7 @@ def _check_request(model_dir: Path, out_dir: Path, precision: str, backend: str,
         raise BuildError(reason)
     if not model_dir.is_dir():
         raise BuildError(f"checkpoint folder {model_dir} does not exist")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise BuildError(f"output {out_dir} exists and is not a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise BuildError(f"output folder {out_dir} already exists and is not empty: use --force to replace it")
+    _check_out_path(out_dir)
     checkpoint = model_dir.resolve()
     if out_dir.resolve() == checkpoint or out_dir.resolve() in checkpoint.parents:
         raise BuildError(f"output folder {out_dir} would replace the checkpoint {model_dir}: choose another --out")
@@ -116,6 +112,156 @@ def _check_request(model_dir: Path, out_dir: Path, precision: str, backend: str,
     except CheckpointError as err:
         raise BuildError(str(err)) from err
     return cfg
+
+
+def _check_out_path(out_dir: Path) -> None:
+    """Where out_dir is, whatever it holds: not the current folder or one above it, not under a file."""
+    cwd = Path.cwd().resolve()
+    if out_dir.resolve() == cwd or out_dir.resolve() in cwd.parents:
+        raise BuildError(f"output folder {out_dir} is the current folder or one above it: give a folder below it "
+                         f"to create or replace, e.g. --out engines")
+    existing = next(folder for folder in out_dir.parents if folder.exists())
+    if not existing.is_dir():
+        raise BuildError(f"output folder {out_dir} would be inside {existing}, which is a file: choose another --out")
+
+
+def _replace_refusal(out_dir: Path, force: bool) -> str | None:
+    """Why out_dir may not be replaced, or None: an empty folder always may, an engines folder with `force`."""
+    if out_dir.is_symlink():
+        return (f"output {out_dir} is a symbolic link (to {os.readlink(out_dir)}): give the folder it points to "
+                f"as --out")
+    if not out_dir.exists():
+        return None
+    if not out_dir.is_dir():
+        return f"output {out_dir} exists and is not a folder: choose another --out"
+    if not any(out_dir.iterdir()):
+        return None
+    if not (out_dir / MANIFEST_FILE).is_file():
+        return (f"output folder {out_dir} is not empty and not an engines folder (it has no {MANIFEST_FILE}): "
+                f"choose another --out (--force replaces only engines folders)")
+    if not force:
+        return f"output folder {out_dir} already holds engines: use --force to replace them"
+    return None
+
+
+@contextmanager
+def _parent_folders(out_dir: Path):
+    """Create out_dir's missing parent folders; remove them again if the build fails."""
+    missing = [folder for folder in out_dir.parents if not folder.exists()]  # deepest first
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for folder in missing:
+            with suppress(OSError):  # not empty: someone else wrote there meanwhile
+                folder.rmdir()
+        raise
+
+
+@contextmanager
+def _build_lock(out_dir: Path):
+    """Hold an exclusive flock on `.<out>.lock` beside out_dir; refuse if another build holds it."""
+    path = out_dir.with_name(f".{out_dir.name}.lock")
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise BuildError(f"another build into {out_dir} is running (it holds {path}): wait for it to finish "
+                             f"or choose another --out") from None
+        if _is_file_at(fd, path):
+            break
+        os.close(fd)  # the previous holder removed the file after we opened it: lock the one now there
+    try:
+        yield
+    finally:
+        if _is_file_at(fd, path):
+            path.unlink()  # before unlocking: a build waiting on this file then sees it is gone
+        os.close(fd)
+
+
+def _is_file_at(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def _staging_folders(out_dir: Path) -> dict[Path, int]:
+    """The staging folders of builds into out_dir, with the id of the process that made each."""
+    pattern = re.compile(rf"\.{re.escape(out_dir.name)}\.building-(\d+)-[0-9a-f]+")
+    return {path: int(match[1]) for path in out_dir.parent.iterdir() if (match := pattern.fullmatch(path.name))}
+
+
+def _remove_stale_staging(out_dir: Path) -> None:
+    """Remove the staging folders a killed build left (gigabytes for an 8B model)."""
+    for path, pid in _staging_folders(out_dir).items():
+        if pid == os.getpid() or not _process_exists(pid):  # our own pid: reused after the killed build
+            shutil.rmtree(path)
+            _notice(f"removed {path}, left by build process {pid}, which is gone")
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:
+        pass  # it exists, under another user
+    return True
+
+
+def _finish_killed_publish(out_dir: Path) -> None:
+    """A build killed inside _publish leaves the previous folder in `.<out>.old`: restore it if out_dir is
+    gone (killed between the two renames), remove it if the new out_dir is already in place."""
+    old = _moved_aside(out_dir)
+    if not os.path.lexists(old):
+        return
+    if os.path.lexists(out_dir):
+        shutil.rmtree(old)
+        _notice(f"removed {old}, the previous engines a killed build had already replaced")
+    else:
+        old.rename(out_dir)
+        _notice(f"restored {out_dir} from {old}, where a killed build had moved it")
+
+
+def _moved_aside(out_dir: Path) -> Path:
+    return out_dir.with_name(f".{out_dir.name}.old")  # runtime/engines.py looks for this name too
+
+
+@contextmanager
+def _staging_folder(out_dir: Path):
+    """A fresh hidden folder beside out_dir, removed on exit unless _publish renamed it into place."""
+    staging = out_dir.with_name(f".{out_dir.name}.building-{os.getpid()}-{secrets.token_hex(3)}")
+    staging.mkdir()
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _assemble(model_dir: Path, cfg: LladaVConfig, precision: str, backend: str, staging: Path, out_dir: Path,
+              external_data_threshold: int, log: "_Progress") -> Manifest:
+    """Write the whole engines folder into staging; returns its manifest (saved there too)."""
+    with log.step(f"loading {model_dir} ({precision})"):
+        model = _load(model_dir, TORCH_DTYPES[PRECISIONS[precision]])
+    manifest = Manifest(precision, model_dir.absolute(), cfg.language.max_position_embeddings)
+    _export_all(model, cfg, precision, staging, manifest, external_data_threshold, log)
+    _write_support_files(model, cfg, model_dir, staging)
+    if precision != "fp32":
+        del model
+        gc.collect()
+        with log.step("loading the float32 reference"):
+            model = _load(model_dir, torch.float32)
+    _validate_all(model, cfg, precision, staging, manifest, log)
+    if backend == "tensorrt":
+        _build_plans(cfg, staging, out_dir, manifest, log)
+    with log.step("hashing the checkpoint's weights"):
+        manifest.checkpoint_sha256 = checkpoint_sha256(model_dir)
+    manifest.save(staging)
+    _apply_umask(staging)
+    return manifest
 
 
 def _load(model_dir: Path, dtype: torch.dtype) -> LladaV:
@@ -178,19 +324,27 @@ def _apply_umask(folder: Path) -> None:
         path.chmod(0o666 & ~umask)
 
 
-def _publish(staging: Path, out_dir: Path) -> None:
-    """Rename staging to out_dir; an existing out_dir is moved aside first and removed only afterwards."""
+def _publish(staging: Path, out_dir: Path, force: bool) -> None:
+    """Rename staging to out_dir. out_dir is checked again (something may have appeared there during the
+    build), moved aside and removed only once staging is in place."""
+    if reason := _replace_refusal(out_dir, force):
+        raise BuildError(f"{out_dir} changed during the build, so the new engines were discarded: {reason}")
     if not out_dir.exists():
         staging.rename(out_dir)
         return
-    old = staging.with_name(staging.name + ".old")
+    old = _moved_aside(out_dir)
     out_dir.rename(old)
     try:
         staging.rename(out_dir)
     except BaseException:
         old.rename(out_dir)
         raise
-    shutil.rmtree(old)
+    shutil.rmtree(old, ignore_errors=True)  # the build succeeded; a leftover is removed by the next one
+
+
+def _notice(text: str) -> None:
+    """A line about something this build did besides building, printed even without progress lines."""
+    print(text, file=sys.stderr, flush=True)
 
 
 class _Status:

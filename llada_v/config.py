@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,8 +174,8 @@ def _pick(config_cls, raw: dict):
                 value = float(value)
             if not isinstance(value, expected) or isinstance(value, bool):
                 raise CheckpointError(f"malformed config: {f.name} should be {expected.__name__}, got {value!r}")
-            if value <= 0:
-                raise CheckpointError(f"malformed config: {f.name} must be positive, got {value!r}")
+            if not 0 < value < math.inf:
+                raise CheckpointError(f"malformed config: {f.name} must be positive and finite, got {value!r}")
             values[f.name] = value
     return config_cls(**values)
 
@@ -207,11 +208,17 @@ def _parse_pinpoints(raw, tile: int) -> tuple[tuple[int, int], ...]:
         if len(ranges) != 2:
             raise CheckpointError(f"cannot parse image_grid_pinpoints {raw!r}")
         (a0, b0), (a1, b1) = [(int(a), int(b)) for a, b in ranges]
-        return tuple((tile * a, tile * b) for a in range(a0, a1 + 1) for b in range(b0, b1 + 1))
-    pinpoints = tuple((int(w), int(h)) for w, h in raw)
-    if any(w % tile or h % tile for w, h in pinpoints):
-        raise CheckpointError(f"image_grid_pinpoints must be multiples of the tile size {tile}")
-    return pinpoints
+        pinpoints = [(tile * a, tile * b) for a in range(a0, a1 + 1) for b in range(b0, b1 + 1)]
+    elif isinstance(raw, list) and all(isinstance(p, list) and len(p) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in p) for p in raw):
+        pinpoints = [(w, h) for w, h in raw]
+    else:
+        raise CheckpointError(f"malformed config: image_grid_pinpoints must be a list of [width, height] integer "
+                              f"pairs or a '(1x1),...,(6x6)' range, got {raw!r}")
+    if not pinpoints or any(w < tile or h < tile or w % tile or h % tile for w, h in pinpoints):
+        raise CheckpointError(f"image_grid_pinpoints must be a non-empty list of positive multiples of the tile "
+                              f"size {tile}, got {raw!r}")
+    return tuple(pinpoints)
 
 
 def tiny_config(vocab_size: int) -> LladaVConfig:

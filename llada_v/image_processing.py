@@ -2,14 +2,16 @@
 
 Before: pick the best tile grid for the image, resize keeping the aspect ratio, pad, cut into tiles
 and put a global view first; or, for each image of a request with several, pad it to a square and
-take that one view ("pad"). Resizing happens in the image's own mode, RGB conversion last. After the projector: lay the grid tiles out as one feature map, cut
-the padding away, shrink it when it holds more than N tiles' worth, end every row with
-`image_newline`, and put the global view's embeddings first.
+take that one view ("pad"). Resizing happens in the image's own mode, RGB conversion last.
+After the projector: lay the grid tiles out as one feature map, cut the padding away, shrink it when
+it holds more than N tiles' worth, end every row with `image_newline`, and put the global view's
+embeddings first (a "pad" view gives its tokens alone).
 (Mirrors llava/mm_utils.py and llava_arch.py of LLaVA-NeXT, which LLaDA-V uses.)
 """
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .config import LladaVConfig
 
 MEAN = STD = 0.5  # SigLIP's normalisation, per channel
+# Refused before decoding: a guard against decompression bombs that arrays and PIL images obey too.
+# 64 MP is 12x what the largest grid (6x6 tiles of 384) keeps of an image.
+MAX_IMAGE_PIXELS = 64 * 2**20
 
 
 # Several images in one request are each padded to a square of this colour and seen as one tile, as the
@@ -40,27 +45,44 @@ class ImageTiles:
 
 
 def load_image(image) -> Image.Image:
-    """A path, PIL image or RGB uint8 array [H, W, 3] -> PIL image, upright, in its own mode (the
-    official code resizes before converting to RGB, which decides how transparency and palettes look);
-    ValueError when unusable."""
-    if isinstance(image, (str, Path)):
+    """A path, encoded image bytes, PIL image or RGB uint8 array [H, W, 3] -> PIL image, upright, in its
+    own mode (the official code resizes before converting to RGB, which decides how transparency and
+    palettes look); ValueError when unusable or larger than MAX_IMAGE_PIXELS."""
+    if isinstance(image, (str, Path, bytes, bytearray)):
+        name = f"image {image}" if isinstance(image, (str, Path)) else f"the {len(image)} bytes given as an image"
         try:
-            with Image.open(image) as opened:
+            with Image.open(image if isinstance(image, (str, Path)) else io.BytesIO(image)) as opened:
+                _check_pixels(opened, name)
                 opened.load()
                 return _upright_8bit(opened)
         except FileNotFoundError as err:
             raise ValueError(f"image file {image} does not exist") from err
+        except Image.DecompressionBombError as err:
+            raise ValueError(f"{name} is too large to decode ({err}); at most {MAX_IMAGE_PIXELS} pixels") from err
         except (UnidentifiedImageError, OSError) as err:
-            raise ValueError(f"cannot read image {image}: not a readable image file ({err})") from err
+            raise ValueError(f"cannot read {name}: not a readable image file ({err})") from err
     if isinstance(image, Image.Image):
+        _check_pixels(image, "the PIL image")
         return _upright_8bit(image)
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] == 0 or image.shape[1] == 0:
             raise ValueError(f"an image array must be RGB with shape [H, W, 3], got {image.shape}")
         if image.dtype != np.uint8:
             raise ValueError(f"an image array must be uint8 (0..255), got {image.dtype}")
-        return Image.fromarray(image, "RGB")
-    raise ValueError(f"an image must be a path, a PIL image or an RGB uint8 array, got {type(image).__name__}")
+        image = Image.fromarray(image, "RGB")
+        _check_pixels(image, "the image array")
+        return image
+    raise ValueError(f"an image must be a path, encoded bytes, a PIL image or an RGB uint8 array, "
+                     f"got {type(image).__name__}")
+
+
+def _check_pixels(image: Image.Image, name: str) -> None:
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ValueError(f"{name} has no pixels ({width}x{height})")
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ValueError(f"{name} has {width}x{height} = {width * height} pixels, more than the {MAX_IMAGE_PIXELS} "
+                         f"allowed: downscale it first (the model sees at most 6x6 tiles anyway)")
 
 
 def _upright_8bit(image: Image.Image) -> Image.Image:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,13 @@ def load_tokenizer(folder: str | Path):
     folder = Path(folder)
     if not (folder / "tokenizer.json").is_file():
         raise CheckpointError(f"{folder} has no tokenizer.json: copy the checkpoint's tokenizer files into it")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (folder / name).is_file():
+            try:
+                json.loads((folder / name).read_bytes())
+            except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
+                raise CheckpointError(f"{folder / name} is not valid JSON ({err}): copy the checkpoint's "
+                                      f"tokenizer files again") from err
     try:
         return PreTrainedTokenizerFast.from_pretrained(str(folder))
     except Exception as err:  # tokenizers and transformers raise assorted types for malformed files
@@ -66,7 +74,7 @@ def conversation_ids(tokenizer, messages: list[dict]) -> list[int]:
 
     messages: [{"role": "user"|"assistant", "content": str}], where a user turn may contain `<image>`
     placeholders; each becomes IMAGE_TOKEN_INDEX. A system turn is prepended unless one is given.
-    Tokenised as the official `tokenizer_image_token` (llava/mm_utils.py:343-355): the text is split at
+    Tokenised as the official `tokenizer_image_token` (llava/mm_utils.py:342-355): the text is split at
     every `<image>`, each chunk tokenised on its own, and, since the prompt starts with BOS, the first
     token of every later chunk is dropped (so the `\n` written after `<image>` is not in the prompt).
     """

@@ -65,8 +65,13 @@ def checkpoint_files(folder: Path) -> dict[str, Path]:
     if (folder / INDEX_FILE).is_file():
         try:
             weight_map = json.loads((folder / INDEX_FILE).read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as err:
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise CheckpointError(f"{folder / INDEX_FILE} is malformed ({err!r})") from err
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{folder / INDEX_FILE} is malformed: weight_map must map tensor names to shard "
+                                  f"file names")
+        for shard in set(weight_map.values()):
+            inside_folder(folder, shard, INDEX_FILE)
         missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
         if missing:
             raise CheckpointError(f"{folder} lacks shards listed in its index: {missing}")
@@ -78,6 +83,35 @@ def checkpoint_files(folder: Path) -> dict[str, Path]:
         except (OSError, SafetensorError) as err:
             raise CheckpointError(f"cannot read {folder / SINGLE_FILE}: {err}") from err
     raise CheckpointError(f"{folder} has no {SINGLE_FILE} or {INDEX_FILE}: not a checkpoint folder")
+
+
+def inside_folder(folder: Path, name: str, listed_in: str) -> Path:
+    """folder / name for a file name that a folder's own index or manifest lists; CheckpointError unless it is a
+    plain name that resolves inside the folder (no absolute path, no `..`, no symlink out)."""
+    path = folder / name
+    if Path(name).name != name or name in ("", ".", "..") or \
+            not path.resolve().is_relative_to(folder.resolve()):
+        raise CheckpointError(f"{folder / listed_in} names {name!r}, which is not a file inside {folder}: "
+                              f"every file it lists must be a plain file name in the same folder")
+    return path
+
+
+def check_layer_counts(keys, cfg: LladaVConfig, folder: Path) -> None:
+    """The config's layer counts against the tensors' names, before any module is built (a config that
+    claims millions of layers must fail at once, not after building them)."""
+    layer_indices = {int(m.group(1)) for key in keys if (m := re.match(r"model\.layers\.(\d+)\.", key))}
+    stored = max(layer_indices, default=-1) + 1
+    if stored != cfg.language.num_hidden_layers:
+        raise CheckpointError(f"{folder}: config.json says num_hidden_layers {cfg.language.num_hidden_layers}, "
+                              f"the checkpoint holds {stored} language layers")
+    if cfg.vision is not None:
+        vision = {int(m.group(1)) for key in keys
+                  if (m := re.match(re.escape(_VISION) + r"encoder\.layers\.(\d+)\.", key))}
+        stored = max(vision, default=-1) + 1
+        # The released checkpoint keeps the SigLIP layer LLaDA-V drops.
+        if stored not in (cfg.vision.num_hidden_layers, cfg.vision.num_hidden_layers + 1):
+            raise CheckpointError(f"{folder}: config.json implies {cfg.vision.num_hidden_layers} vision layers "
+                                  f"that run, the checkpoint holds {stored}")
 
 
 def checkpoint_config(folder: str | Path) -> LladaVConfig:
@@ -105,6 +139,8 @@ def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: s
         raise CheckpointError(f"checkpoint folder {folder} does not exist")
     stored_vocab = LladaVConfig.from_file(folder / "config.json").language.vocab_size
     cfg = checkpoint_config(folder)
+    files = checkpoint_files(folder)
+    check_layer_counts(files, cfg, folder)
     with torch.device("meta"):
         model = LladaV(cfg)
     expected = {name: p.shape for name, p in model.named_parameters()}
@@ -112,7 +148,7 @@ def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: s
 
     state, unexpected = {}, []
     by_file: dict[Path, list[str]] = {}
-    for key, path in checkpoint_files(folder).items():
+    for key, path in files.items():
         by_file.setdefault(path, []).append(key)
     for path, keys in by_file.items():
         try:

@@ -1,15 +1,16 @@
 """Command line: one generation, or an interactive chat.
 
     python -m runtime generate --engines DIR --prompt TEXT [--image PATH ...] [--cache dual ...] [--stream]
-    python -m runtime chat --engines DIR      (stdin: questions; /image PATH, /reset, /quit)
+    python -m runtime chat --engines DIR      (stdin: questions; /image PATH, /drop, /reset, /quit)
 
-Errors are one line on stderr and exit status 2.
+Errors are one line on stderr and exit status 2; Ctrl-C exits with 130, a closed stdout (`| head`) with 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .config import CACHE_MODES, REMASKING, GenerationConfig
@@ -95,6 +96,13 @@ def chat_loop(args, pipe: Pipeline, config: GenerationConfig) -> None:
             images = []
             print("(conversation cleared)", file=sys.stderr)
             continue
+        if line == "/drop":
+            try:
+                conversation.drop_oldest_turn()
+                print(f"(oldest turn dropped, {conversation.turns} left)", file=sys.stderr)
+            except ValueError as err:
+                print(f"error: {one_line(err)}", file=sys.stderr)
+            continue
         if line.startswith("/image"):
             path = line[len("/image"):].strip()
             if not path:
@@ -129,7 +137,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away: send what is still buffered nowhere, so that exiting does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 0
 
 

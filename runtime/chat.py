@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Sequence
 
 from llada_v.tokenizer import IMAGE_PLACEHOLDER, with_image_placeholders
 
 from .config import GenerationConfig
-from .pipeline import GenerationResult, Pipeline, Stream
+from .pipeline import GenerationResult, Pipeline, PromptTooLongError, Stream
 from .prompt import ImageLike, Request
 
 
@@ -27,18 +28,42 @@ class Conversation:
         self.messages: list[dict] = [] if self.system is None else [{"role": "system", "content": self.system}]
         self.images: list[ImageLike] = []
 
+    def drop_oldest_turn(self) -> None:
+        """Forget the oldest question, its images and its answer (the system turn stays)."""
+        first = next((i for i, m in enumerate(self.messages) if m["role"] == "user"), None)
+        if first is None:
+            raise ValueError("the conversation has no turn to drop")
+        images = self.messages[first]["content"].count(IMAGE_PLACEHOLDER)
+        self.messages = self.messages[:first] + self.messages[first + 2:]  # the question and its answer
+        self.images = self.images[images:]
+
+    @property
+    def turns(self) -> int:
+        return sum(m["role"] == "user" for m in self.messages)
+
     def send(self, text: str, image: ImageLike | Sequence[ImageLike] | None = None) -> GenerationResult:
         """Ask the next question; the answer becomes part of the conversation."""
         request = self._next_request(text, image)
-        result = self.pipeline.generate(request, config=self.config)
+        with self._too_long_hint():
+            result = self.pipeline.generate(request, config=self.config)
         self._commit(request, result)
         return result
 
     def stream(self, text: str, image: ImageLike | Sequence[ImageLike] | None = None) -> Stream:
         """Like send, streaming the partial answer; the turn joins the conversation once the stream ends."""
         request = self._next_request(text, image)
-        decoder = self.pipeline._prepare([request], self.config)
+        with self._too_long_hint():
+            decoder = self.pipeline._prepare([request], self.config)
         return Stream(self.pipeline, decoder, on_done=lambda result: self._commit(request, result))
+
+    @contextmanager
+    def _too_long_hint(self):
+        try:
+            yield
+        except PromptTooLongError as err:
+            raise PromptTooLongError(f"{err}. The conversation holds {self.turns} earlier turn(s): drop the oldest "
+                                     f"with drop_oldest_turn() (`/drop` in the chat CLI) or start over with reset() "
+                                     f"(`/reset`)") from err
 
     def _next_request(self, text: str, image) -> Request:
         new_images = Request(text, image).images
@@ -53,4 +78,4 @@ class Conversation:
 
     def _commit(self, request: Request, result: GenerationResult) -> None:
         self.messages = [*request.prompt, {"role": "assistant", "content": result.text}]
-        self.images = request.images
+        self.images = list(request.images)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 REMASKING = ("low_confidence", "random")
@@ -25,7 +26,7 @@ class GenerationConfig:
         stay close to the uncached ones; the LLaDA-V paper measured intervals from 2 to 48.
     threshold: None, or parallel decoding: commit every candidate more confident than this
         (and at least the most confident one).
-    seed: seeds the per-request generator of the Gumbel noise and of random remasking.
+    seed: seeds the per-request generator of the Gumbel noise and of random remasking; in [0, 2**64).
     """
 
     gen_length: int = 128
@@ -54,8 +55,10 @@ class GenerationConfig:
             raise ValueError(f"steps {self.steps} must be a positive multiple of the number of blocks "
                              f"{self.num_blocks} (gen_length / block_length), e.g. steps={self.num_blocks * 4}")
         if not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool) \
-                or not self.temperature >= 0:
-            raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
+                or not 0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not 0 <= self.seed < 2**64:
+            raise ValueError(f"seed must be in [0, 2**64) (a torch generator's range), got {self.seed}")
         if self.remasking not in REMASKING:
             raise ValueError(f"unknown remasking {self.remasking!r}: use one of {', '.join(REMASKING)}")
         if self.cache not in CACHE_MODES:

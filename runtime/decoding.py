@@ -113,26 +113,28 @@ class Decoder:
         self.answers = batch.tokens.tolist()
 
     def __iter__(self):
-        with torch_threads(self.runner.loop_threads):
-            yield from self._steps()
-
-    def _steps(self):
-        width, mask_id = self.cfg.block_length, self.special.mask
+        # The thread setting is process-wide: set around each step, never across a yield, so an abandoned
+        # iterator (a stream the caller stops reading) leaves it as it was.
         while active := [r for r, row in enumerate(self.rows) if not row.done]:
-            for r in active:
-                row = self.rows[r]
-                if row.schedule is None:
-                    masked = self.answers[r][row.block * width:(row.block + 1) * width].count(mask_id)
-                    row.schedule = transfer_schedule(masked, self.cfg.steps_per_block)
-            self.batch.embed_answers(self.runner)
-            refresh = [r for r in active if self.cache is None or self.cache.should_refresh(self.rows[r].step)]
-            pieces = [self._full_forward(refresh)] if refresh else []
-            reuse = sorted((r for r in active if r not in refresh), key=lambda r: self.rows[r].block)
-            pieces += [self._cached_forward(block, list(group))
-                       for block, group in groupby(reuse, key=lambda r: self.rows[r].block)]
-            self._commit(pieces)
-            self.counts["steps"] += 1
+            with torch_threads(self.runner.loop_threads):
+                self._step(active)
             yield self.answers
+
+    def _step(self, active: list[int]) -> None:
+        width, mask_id = self.cfg.block_length, self.special.mask
+        for r in active:
+            row = self.rows[r]
+            if row.schedule is None:
+                masked = self.answers[r][row.block * width:(row.block + 1) * width].count(mask_id)
+                row.schedule = transfer_schedule(masked, self.cfg.steps_per_block)
+        self.batch.embed_answers(self.runner)
+        refresh = [r for r in active if self.cache is None or self.cache.should_refresh(self.rows[r].step)]
+        pieces = [self._full_forward(refresh)] if refresh else []
+        reuse = sorted((r for r in active if r not in refresh), key=lambda r: self.rows[r].block)
+        pieces += [self._cached_forward(block, list(group))
+                   for block, group in groupby(reuse, key=lambda r: self.rows[r].block)]
+        self._commit(pieces)
+        self.counts["steps"] += 1
 
     def _block_start(self, block: int) -> int:
         return self.batch.gen_start + block * self.cfg.block_length

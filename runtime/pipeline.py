@@ -11,11 +11,12 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
-from llada_v import SpecialTokens, load_tokenizer
+from llada_v import SpecialTokens, conversation_ids, load_tokenizer
 
 from .config import GenerationConfig
 from .decoding import Batch, Decoder, StageTimer
-from .prompt import ImageLike, Request, as_request, encode_images, prompt_embeddings, request_ids, tile_images
+from .prompt import (ImageLike, Request, as_request, encode_images, is_conversation, prompt_embeddings,
+                     request_ids, tile_images)
 from .runner import Runner
 
 if TYPE_CHECKING:
@@ -33,11 +34,20 @@ class GenerationResult:
     stats: dict = field(default_factory=dict)
 
 
+class PromptTooLongError(ValueError):
+    """The prompt and the answer do not fit in the model's or the engines' sequence length."""
+
+
 class Pipeline:
     def __init__(self, runner: Runner):
         self.runner = runner.activate()
         self.tokenizer = load_tokenizer(runner.folder)
         self.special = SpecialTokens.from_tokenizer(self.tokenizer)
+        try:
+            conversation_ids(self.tokenizer, [{"role": "user", "content": "?"}])
+        except Exception as err:  # jinja2's TemplateError family, or a template that renders no text
+            raise ValueError(f"the chat template in {runner.folder / 'tokenizer_config.json'} cannot be rendered "
+                             f"({type(err).__name__}: {err}): copy the checkpoint's tokenizer_config.json again") from err
         # The mask token is banned too: committing it would leave the position masked.
         banned = (*self.special.banned_at_masked, self.special.mask)
         self.banned_ids = torch.tensor(banned, dtype=torch.int64, device=runner.device)
@@ -81,8 +91,9 @@ class Pipeline:
                  config: GenerationConfig | None = None, *, on_step: Callable[[str], None] | None = None):
         """Generate an answer to `prompt` (a string, a conversation or a Request) about `image`(s).
 
-        A list of requests (strings, (prompt, image) tuples or Requests) runs as one batch and returns a
-        list of results, each equal to its request run alone. on_step(text) receives the partially
+        A conversation is a list of message dicts ({"role", "content"}). Any other list is a batch of
+        requests (strings, (prompt, image) tuples or Requests, whose prompts may be conversations): it runs
+        as one batch and returns a list of results, each equal to its request run alone. on_step(text) receives the partially
         decoded answer after every step (single requests only).
 
         stats: nfe (denoiser calls) = full_forwards + cached_forwards, steps, seconds, tokens_per_second
@@ -90,7 +101,7 @@ class Pipeline:
         vision, projector, full_forward, cached_forward, remasking, other (the rest)} and engine_seconds
         (vision + projector + full and cached forwards). A batch's results share its stats.
         """
-        batched = isinstance(prompt, list)
+        batched = isinstance(prompt, list) and not is_conversation(prompt)
         if batched:
             if image is not None:
                 raise ValueError("with a list of requests, give each request its image: [(prompt, image), ...]")
@@ -162,11 +173,11 @@ class Pipeline:
         for prompt in prompts:
             if prompt_limit is not None and len(prompt) > prompt_limit:
                 # The official code would silently cut the prompt here, assistant header included.
-                raise ValueError(f"the prompt takes {len(prompt)} positions (image embeddings included), more than "
+                raise PromptTooLongError(f"the prompt takes {len(prompt)} positions (image embeddings included), more than "
                                  f"the model's tokenizer_model_max_length {prompt_limit}: shorten the prompt or use "
                                  f"fewer or smaller images")
             if len(prompt) + cfg.gen_length > limit:
-                raise ValueError(f"the prompt takes {len(prompt)} positions (image embeddings included) and "
+                raise PromptTooLongError(f"the prompt takes {len(prompt)} positions (image embeddings included) and "
                                  f"gen_length is {cfg.gen_length}: {len(prompt) + cfg.gen_length} exceeds the "
                                  f"maximum sequence length {limit} of these engines/this model; shorten the prompt, "
                                  f"use fewer or smaller images, or lower gen_length")

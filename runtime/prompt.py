@@ -3,9 +3,11 @@ image tiles through the vision and projector parts, and splicing at the `<image>
 
 from __future__ import annotations
 
+import io
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence, Union
+from typing import BinaryIO, Sequence, Union
 
 import numpy as np
 import torch
@@ -17,38 +19,44 @@ from llada_v.tokenizer import IMAGE_PLACEHOLDER, with_image_placeholders
 
 from .runner import Runner
 
-ImageLike = Union[str, Path, Image.Image, np.ndarray]
+ImageLike = Union[str, Path, bytes, BinaryIO, Image.Image, np.ndarray]
+SINGLE_IMAGE = (str, Path, bytes, bytearray, Image.Image, np.ndarray)
+ROLES = ("system", "user", "assistant")
 
 
 @dataclass(frozen=True)
 class Request:
     """One generation: a user prompt (or a whole conversation ending with a user turn) and its images.
 
-    prompt: text, or messages [{"role": "user"|"assistant"|"system", "content": str}].
-    image: one image (path, PIL image or RGB uint8 array), a sequence of them, or None. Each `<image>`
-    in the prompt takes the next image; with no `<image>` at all, the placeholders go before the (last)
-    user question, joined by spaces and followed by a newline, as the official evaluation writes them.
+    prompt: text, or a conversation: a list of messages [{"role": "user"|"assistant"|"system", "content": str}].
+    image: one image (a path, encoded bytes, a binary file, a PIL image or an RGB uint8 array), a sequence
+    or iterable of them, or None; read once, when the request is made (`images`). Each `<image>` in the
+    prompt takes the next image; with no `<image>` at all, the placeholders go before the (last) user
+    question, joined by spaces and followed by a newline, as the official evaluation writes them.
     """
 
     prompt: str | Sequence[dict]
     image: ImageLike | Sequence[ImageLike] | None = None
 
-    @property
-    def images(self) -> list:
-        if self.image is None:
-            return []
-        if isinstance(self.image, (str, Path, Image.Image, np.ndarray)):
-            return [self.image]
-        return list(self.image)
+    def __post_init__(self):
+        object.__setattr__(self, "images", image_list(self.image))
+        if not isinstance(self.prompt, (str, list, tuple)):
+            raise ValueError(f"a prompt must be text or a conversation (a list of {{'role', 'content'}} messages), "
+                             f"got {type(self.prompt).__name__}")
+        texts = [self.prompt] if isinstance(self.prompt, str) else \
+            [m.get("content") for m in self.prompt if isinstance(m, dict)]
+        if any(isinstance(text, str) and not is_encodable(text) for text in texts):
+            raise ValueError("the prompt is not valid Unicode text (it holds a lone surrogate): "
+                             "decode it with errors='replace' first")
 
     def messages(self) -> list[dict]:
         """The conversation with one `<image>` per image; ValueError when they cannot be matched."""
         if isinstance(self.prompt, str):
             messages = [{"role": "user", "content": self.prompt}]
         else:
-            messages = [dict(m) for m in self.prompt]
-            if not messages or any(not isinstance(m.get("content"), str) or m.get("role") not in
-                                   ("system", "user", "assistant") for m in messages):
+            messages = [dict(m) if isinstance(m, dict) else m for m in self.prompt]
+            if not messages or any(not isinstance(m, dict) or not isinstance(m.get("content"), str)
+                                   or m.get("role") not in ROLES for m in messages):
                 raise ValueError("a conversation must be a non-empty list of {'role': 'system'|'user'|'assistant', "
                                  "'content': str} messages")
             if messages[-1]["role"] != "user":
@@ -61,6 +69,38 @@ class Request:
             raise ValueError(f"the prompt has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {n_images} "
                              f"image(s) were given: put one {IMAGE_PLACEHOLDER} per image, in order (or none at all)")
         return messages
+
+
+def image_list(image) -> tuple:
+    """A request's images as a tuple, each binary file read into bytes (iterables and files are read once)."""
+    if image is None:
+        return ()
+    if isinstance(image, SINGLE_IMAGE) or hasattr(image, "read"):
+        image = [image]
+    elif not isinstance(image, Iterable):
+        raise ValueError(f"an image must be a path, encoded bytes, a binary file, a PIL image or an RGB uint8 array "
+                         f"(or a sequence of them), got {type(image).__name__}")
+    images = []
+    for item in image:
+        if hasattr(item, "read"):
+            if isinstance(item, io.TextIOBase):
+                raise ValueError("an image file must be opened in binary mode ('rb'), not as text")
+            item = item.read()
+        images.append(item)
+    return tuple(images)
+
+
+def is_encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def is_conversation(prompt) -> bool:
+    """A list of message dicts is one conversation, not a batch of requests."""
+    return isinstance(prompt, list) and bool(prompt) and all(isinstance(m, dict) for m in prompt)
 
 
 def as_request(item) -> Request:

@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 import llada_v
@@ -228,3 +229,101 @@ def test_text_only_model_refuses_images(reference_dir):
                                                                        num_key_value_heads=2, vocab_size=50))
     with pytest.raises(ValueError, match="text-only"):
         LladaV(tiny_text).encode_tiles(torch.zeros(1, 3, 8, 8))
+
+
+# ---- hardening: malformed configs and checkpoints, images the model must see as a viewer does ----------
+
+@pytest.mark.parametrize("edit, message", [
+    ({"image_grid_pinpoints": [[64, 64, 64]]}, "list of \\[width, height\\] integer pairs"),
+    ({"image_grid_pinpoints": []}, "non-empty list of positive multiples"),
+    ({"image_grid_pinpoints": [[0, 0]]}, "non-empty list of positive multiples"),
+    ({"rms_norm_eps": float("inf")}, "rms_norm_eps must be positive and finite"),
+    ({"rms_norm_eps": float("nan")}, "rms_norm_eps must be positive and finite"),
+])
+def test_malformed_multimodal_config(tmp_path, shipped_model_dir, edit, message):
+    folder = _copy(shipped_model_dir, tmp_path / "ckpt")
+    raw = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**raw, **edit}))
+    with pytest.raises(CheckpointError, match=message):
+        load_model(folder)
+
+
+def test_absurd_layer_count_fails_before_building_anything(tmp_path, shipped_model_dir):
+    import time
+
+    folder = _copy(shipped_model_dir, tmp_path / "ckpt")
+    raw = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**raw, "num_hidden_layers": 3_000_000}))
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match="num_hidden_layers 3000000, the checkpoint holds 4 language layers"):
+        load_model(folder)
+    assert time.perf_counter() - start < 30  # building 3M layers, even on the meta device, would take hours
+
+
+@pytest.mark.parametrize("weight_map, message", [
+    ([], "weight_map must map tensor names to shard file names"),
+    ({"lm_head.weight": 3}, "weight_map must map tensor names to shard file names"),
+    ({"lm_head.weight": "../outside.safetensors"}, "names '../outside.safetensors', which is not a file inside"),
+    ({"lm_head.weight": "/tmp/outside.safetensors"}, "which is not a file inside"),
+    ({"lm_head.weight": "link.safetensors"}, "names 'link.safetensors', which is not a file inside"),
+])
+def test_index_must_name_shards_inside_the_folder(tmp_path, shipped_model, weight_map, message):
+    folder = tmp_path / "sharded"
+    save_model(shipped_model, folder, max_shard_bytes=2_000_000)
+    outside = tmp_path / "outside.safetensors"
+    shutil.copy2(next(folder.glob("model-00001-*.safetensors")), outside)
+    (folder / "link.safetensors").symlink_to(outside)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match=message):
+        load_model(folder)
+
+
+def _png(path, image):
+    image.save(path)
+    return path
+
+
+def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path, shipped_model):
+    cfg = shipped_model.config
+    levels = np.random.default_rng(0).integers(0, 256, (70, 90), dtype=np.uint8)
+    eight = _png(tmp_path / "eight.png", Image.fromarray(levels, "L"))
+    sixteen = _png(tmp_path / "sixteen.png", Image.fromarray(levels.astype(np.uint16) * 257))
+    assert Image.open(sixteen).mode in ("I;16", "I")
+    expected = preprocess(eight, cfg).pixel_values
+    assert torch.equal(preprocess(sixteen, cfg).pixel_values, expected)
+    assert torch.equal(preprocess(Image.fromarray(levels.astype(np.uint16) * 257), cfg).pixel_values, expected)
+
+
+def test_exif_orientation_is_applied(tmp_path, shipped_model):
+    upright = Image.fromarray(np.random.default_rng(1).integers(0, 256, (60, 100, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: a viewer turns it 90 degrees clockwise
+    stored = upright.transpose(Image.Transpose.ROTATE_90)
+    stored.save(tmp_path / "rotated.jpg", exif=exif, quality=100)
+    upright_jpeg = np.asarray(Image.open(tmp_path / "rotated.jpg").transpose(Image.Transpose.ROTATE_270))  # no EXIF
+    ours = preprocess(tmp_path / "rotated.jpg", shipped_model.config)
+    assert ours.image_size == (100, 60)
+    assert torch.equal(ours.pixel_values, preprocess(upright_jpeg, shipped_model.config).pixel_values)
+
+
+def test_images_over_the_pixel_budget_are_refused_before_decoding(tmp_path, shipped_model, monkeypatch):
+    from llada_v import image_processing
+
+    path = _png(tmp_path / "big.png", Image.new("RGB", (40, 30)))
+    monkeypatch.setattr(image_processing, "MAX_IMAGE_PIXELS", 1000)
+    for image in (path, path.read_bytes(), Image.new("RGB", (40, 30)), np.zeros((30, 40, 3), np.uint8)):
+        with pytest.raises(ValueError, match="40x30 = 1200 pixels, more than the 1000 allowed"):
+            preprocess(image, shipped_model.config)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL's own bomb check: twice this raises
+    with pytest.raises(ValueError, match="too large to decode"):
+        preprocess(path, shipped_model.config)
+
+
+def test_empty_images_and_encoded_bytes(tmp_path, shipped_model):
+    cfg = shipped_model.config
+    with pytest.raises(ValueError, match="has no pixels \\(0x0\\)"):
+        preprocess(Image.new("RGB", (0, 0)), cfg)
+    path = _png(tmp_path / "a.png", Image.fromarray(np.random.default_rng(2).integers(0, 256, (50, 70, 3), np.uint8)))
+    assert torch.equal(preprocess(path.read_bytes(), cfg).pixel_values, preprocess(path, cfg).pixel_values)
+    with pytest.raises(ValueError, match="cannot read the 5 bytes given as an image"):
+        preprocess(b"\x89PNG!", cfg)

@@ -2,6 +2,7 @@
 streaming, chat, the CLI and bad inputs. Only equalities between paths are checked, never output text."""
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -294,15 +295,19 @@ def test_stream_yields_each_step_and_ends_with_the_answer(ort_pipe):
     assert seen == texts
 
 
-def test_onnxruntime_loop_runs_torch_single_threaded_and_restores_it(ort_pipe):
-    """On CPU the loop's small torch ops share the cores with ONNX Runtime: one torch thread meanwhile."""
+def test_onnxruntime_loop_runs_torch_single_threaded_and_restores_it(ort_pipe, monkeypatch):
+    """On CPU the loop's small torch ops share the cores with ONNX Runtime: one torch thread meanwhile,
+    and the caller's setting between steps (on_step runs in the caller's world)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        seen = []
+        in_loop, between = [], []
+        denoise = ort_pipe.runner._denoise_full_impl
+        monkeypatch.setattr(ort_pipe.runner, "_denoise_full_impl",
+                            lambda *a: in_loop.append(torch.get_num_threads()) or denoise(*a))
         ort_pipe.generate("What colour is the square?", config=GenerationConfig(gen_length=4, block_length=4),
-                          on_step=lambda text: seen.append(torch.get_num_threads()))
-        assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+                          on_step=lambda text: between.append(torch.get_num_threads()))
+        assert set(in_loop) == {1} and set(between) == {2} and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(previous)
 
@@ -432,3 +437,111 @@ def test_cli_chat(engines_dir, ort_pipe, capsys, monkeypatch, tmp_path):
     expected = [conversation.send("What shape?", image=str(path)).text, conversation.send("And its colour?").text,
                 ort_pipe.generate("Hi", config=cfg).text]
     assert out == "".join(text + "\n" for text in expected)
+
+
+# ---- hardening: prompts, image forms, process state, long chats, the CLI's exits -------------------------
+
+@pytest.mark.parametrize("prompt, match", [
+    (None, "a prompt must be text or a conversation .*got NoneType"),
+    (42, "got int"),
+    (b"What?", "got bytes"),
+    ({"role": "user", "content": "Hi"}, "got dict"),
+    ("What \ud800 is it?", "lone surrogate"),
+    ([{"role": "user", "content": "Hi \udfff"}], "lone surrogate"),
+])
+def test_prompts_that_are_not_text_are_refused(ort_pipe, prompt, match):
+    with pytest.raises(ValueError, match=match):
+        ort_pipe.generate(prompt)
+
+
+def test_a_list_of_messages_is_one_conversation_not_a_batch(ort_pipe):
+    cfg = GenerationConfig(gen_length=8, block_length=8)
+    messages = [{"role": "user", "content": "What colour is the square?"}]
+    result = ort_pipe.generate(messages, config=cfg)
+    assert not isinstance(result, list)
+    assert result.token_ids == ort_pipe.generate(Request(messages), config=cfg).token_ids
+    batch = ort_pipe.generate([Request(messages), "Hi"], config=cfg)
+    assert [r.token_ids for r in batch] == [result.token_ids, ort_pipe.generate("Hi", config=cfg).token_ids]
+
+
+def test_images_as_bytes_files_and_generators_are_read_once(ort_pipe, tmp_path):
+    cfg = GenerationConfig(gen_length=8, block_length=8)
+    path = tmp_path / "a.png"
+    Image.fromarray(image(3)).save(path)
+    expected = ort_pipe.generate("Which colour?", image=path, config=cfg).token_ids
+    with open(path, "rb") as file:
+        assert ort_pipe.generate("Which colour?", image=file, config=cfg).token_ids == expected
+    assert ort_pipe.generate("Which colour?", image=path.read_bytes(), config=cfg).token_ids == expected
+    request = Request("Which colour?", (p for p in [path]))
+    assert len(request.images) == 1 and len(request.messages()[-1]["content"].split("<image>")) == 2
+    assert ort_pipe.generate(request, config=cfg).token_ids == expected
+    with pytest.raises(ValueError, match="an image must be a path, encoded bytes, a binary file.*got int"):
+        ort_pipe.generate("Which colour?", image=7)
+    with open(path) as text_file, pytest.raises(ValueError, match="binary mode"):
+        ort_pipe.generate("Which colour?", image=text_file)
+
+
+def test_abandoned_streams_leave_torch_threads_as_they_were(ort_pipe):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        streams = [ort_pipe.stream("What colour is the square?", config=GenerationConfig(gen_length=8, block_length=8))
+                   for _ in range(2)]
+        for stream in streams:
+            next(stream)  # then dropped mid-answer
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_a_chat_past_the_sequence_length_says_how_to_go_on(ort_pipe, monkeypatch):
+    cfg = GenerationConfig(gen_length=8, block_length=8)
+    conversation = ort_pipe.chat(cfg)
+    conversation.send("What colour is the square?", image=image(4))
+    conversation.send("And the circle?")
+    monkeypatch.setattr(ort_pipe.runner, "max_sequence_length", 60)
+    with pytest.raises(ValueError, match="holds 2 earlier turn\\(s\\): drop the oldest with drop_oldest_turn\\(\\)"):
+        conversation.send("And the triangle?")
+    assert conversation.turns == 2  # the failed turn left nothing behind
+    conversation.drop_oldest_turn()
+    assert conversation.turns == 1 and conversation.images == []
+    assert [m["content"] for m in conversation.messages][0] == "And the circle?"
+
+
+def test_tokenizer_files_and_chat_template_are_checked_when_loading(tmp_path):
+    import shutil
+
+    folder = shutil.copytree(SHIPPED, tmp_path / "model")
+    (folder / "tokenizer_config.json").write_text("{garbage")
+    with pytest.raises(ValueError, match="tokenizer_config.json is not valid JSON"):
+        Pipeline.load(folder, "torch")
+    shutil.copy2(SHIPPED / "tokenizer_config.json", folder / "tokenizer_config.json")
+    raw = json.loads((folder / "tokenizer_config.json").read_text())
+    raw["chat_template"] = "{{ ''.__class__.__mro__ }}"  # the jinja sandbox refuses attribute access like this
+    (folder / "tokenizer_config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="chat template in .*tokenizer_config.json cannot be rendered"):
+        Pipeline.load(folder, "torch")
+
+
+def test_cli_interrupt_and_closed_stdout(engines_dir, capsys, monkeypatch):
+    args = ["generate", "--engines", str(engines_dir), "--prompt", "Hi", "--gen-length", "8", "--block-length", "8"]
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Pipeline, "generate", interrupted)
+    assert main(args) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+    monkeypatch.undo()
+
+
+def test_cli_output_to_a_closed_pipe_exits_quietly(engines_dir):
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "runtime", "generate", "--engines", str(engines_dir), "--prompt", "Hi",
+               "--gen-length", "8", "--block-length", "8", "--stream"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # the reader is gone before the first line
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 1 and "Traceback" not in stderr and "BrokenPipe" not in stderr

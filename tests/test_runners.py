@@ -235,6 +235,77 @@ def test_other_format_version(engines_dir, tmp_path):
         Pipeline.load(folder, backend="onnxruntime")
 
 
+def _edit_manifest(folder, edit):
+    manifest = json.loads((folder / "manifest.json").read_text())
+    edit(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _edit_config(folder, **changes):
+    raw = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**raw, **changes}))
+
+
+def _truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+
+
+def _swap(folder, a, b):
+    (folder / a).rename(folder / "swap")
+    (folder / b).rename(folder / a)
+    (folder / "swap").rename(folder / b)
+
+
+def _rewrite_embeddings(folder, edit):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "embeddings.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "embeddings.safetensors")
+
+
+@pytest.mark.parametrize("corrupt, match", [
+    (lambda f: _edit_manifest(f, lambda m: m.update(parts=list(m["parts"]))), "parts must be an object"),
+    (lambda f: _edit_manifest(f, lambda m: m["parts"].update(vision="vision.onnx")), "part 'vision' must be an object"),
+    (lambda f: _edit_manifest(f, lambda m: m["parts"]["vision"].update(files="vision.onnx")),
+     "part 'vision': files must be a list of file names"),
+    (lambda f: _edit_manifest(f, lambda m: m.update(max_sequence_length="long")),
+     "max_sequence_length must be a positive integer"),
+    (lambda f: _edit_manifest(f, lambda m: m.update(max_sequence_length=0)), "max_sequence_length must be a positive"),
+    (lambda f: _edit_manifest(f, lambda m: m.update(precision="fp16")), "is not a fp16 graph though the manifest says"),
+    (lambda f: (f / "projector.onnx").write_bytes(b""), "projector.onnx is not the projector graph"),
+    (lambda f: _truncate(f / "denoiser_full.onnx"), "denoiser_full.onnx is not a readable ONNX model"),
+    (lambda f: _swap(f, "denoiser_full.onnx", "denoiser_cached.onnx"), "is not the denoiser_full graph"),
+    (lambda f: _edit_config(f, num_hidden_layers=2), "is not the denoiser_full graph of a 2-layer model"),
+    (lambda f: _edit_config(f, hidden_size=96, num_attention_heads=2, num_key_value_heads=2),
+     "hidden_size 96: config.json was changed after the build"),
+    (lambda f: _edit_config(f, vocab_size=300), "gives logits of width 375 but config.json implies 300"),
+    (lambda f: _truncate(f / "embeddings.safetensors"), "cannot read .*embeddings.safetensors"),
+    (lambda f: _rewrite_embeddings(f, lambda t: t.pop("embed_tokens")), "holds embed_tokens of shape None"),
+    (lambda f: _rewrite_embeddings(f, lambda t: t.update(embed_tokens=t["embed_tokens"][:10])),
+     "holds embed_tokens of shape \\[10, 192\\], config.json implies \\[375, 192\\]"),
+])
+def test_malformed_engines_folders_are_refused_when_opened(engines_dir, tmp_path, corrupt, match):
+    folder = copy_engines(engines_dir, tmp_path)
+    corrupt(folder)
+    with pytest.raises(ValueError, match=match):
+        Pipeline.load(folder, backend="onnxruntime")
+
+
+@pytest.mark.parametrize("name", ["/etc/hostname", "../outside.onnx", "link.onnx"])
+def test_manifest_files_must_be_inside_the_folder(engines_dir, tmp_path, name):
+    folder = copy_engines(engines_dir, tmp_path)
+    shutil.copy2(folder / "projector.onnx", tmp_path / "outside.onnx")
+    (folder / "link.onnx").symlink_to(tmp_path / "outside.onnx")
+    _edit_manifest(folder, lambda m: m["parts"]["projector"].update(files=[name], onnx=name))
+    with pytest.raises(ValueError, match=f"names '{name}', which is not a file inside"):
+        Pipeline.load(folder, backend="onnxruntime")
+    _edit_manifest(folder, lambda m: m.update(embeddings="../outside.onnx"))
+    with pytest.raises(ValueError, match="which is not a file inside"):
+        Pipeline.load(folder, backend="onnxruntime")
+
+
 def test_unknown_backend(engines_dir):
     with pytest.raises(ValueError, match="unknown backend 'onnx': use one of onnxruntime, tensorrt, torch"):
         Pipeline.load(engines_dir, backend="onnx")

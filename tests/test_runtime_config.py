@@ -30,8 +30,11 @@ def test_steps_default_follows_gen_length():
     (dict(threshold=0.9, remasking="random"), "use it with remasking='low_confidence'"),
     (dict(cache="full"), "unknown cache mode 'full': use one of none, prefix, dual"),
     (dict(remasking="top_k"), "unknown remasking 'top_k': use one of low_confidence, random"),
-    (dict(temperature=-0.5), "temperature must be a number >= 0"),
-    (dict(temperature=float("nan")), "temperature must be a number >= 0"),
+    (dict(temperature=-0.5), "temperature must be a finite number >= 0"),
+    (dict(temperature=float("nan")), "temperature must be a finite number >= 0"),
+    (dict(temperature=float("inf")), "temperature must be a finite number >= 0"),
+    (dict(seed=2**64), r"seed must be in \[0, 2\*\*64\)"),
+    (dict(seed=-1), r"seed must be in \[0, 2\*\*64\)"),
     (dict(gen_length=64.0), "gen_length must be an integer"),
     (dict(seed=None), "seed must be an integer"),
 ])

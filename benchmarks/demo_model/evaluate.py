@@ -62,29 +62,34 @@ def accuracy(predictions: list[str], examples: list[Example]) -> dict:
 @torch.no_grad()
 def reference_generate(model, encoder: Encoder, examples: list[Example], gen_length: int = GEN_LENGTH,
                        block_length: int = BLOCK_LENGTH, steps: int = STEPS) -> list[str]:
-    """LLaDA's sampler on a batch: low-confidence remasking, temperature 0, answers cut at <|eot_id|>."""
+    """LLaDA-V's sampler on a batch: low-confidence remasking, temperature 0, and its stop rule (once
+    <|eot_id|> is committed only the positions before it compete; answers end there)."""
     special: SpecialTokens = encoder.special
     if gen_length % block_length or steps % (gen_length // block_length):
         raise ValueError("gen_length must be a multiple of block_length, and steps of the number of blocks")
     prompts = prompt_embeddings(model, [encoder.encode(ex.image, ex.question) for ex in examples])
     b = len(examples)
     x = torch.full((b, gen_length), special.mask)
+    positions = torch.arange(gen_length)
     steps_per_block = steps // (gen_length // block_length)
     for start in range(0, gen_length, block_length):
-        in_block = torch.zeros(gen_length, dtype=torch.bool)
-        in_block[start:start + block_length] = True
+        in_block = (positions >= start) & (positions < start + block_length)
         n = block_length  # masked positions of the block, spread evenly over its steps
         schedule = [n // steps_per_block + (s < n % steps_per_block) for s in range(steps_per_block)]
         for k in schedule:
-            logits = denoise(model, prompts, x)
             masked = x == special.mask
+            stops = torch.where((x == special.eot).any(1), (x == special.eot).int().argmax(1), gen_length)
+            eligible = masked & in_block & (positions < stops[:, None])
+            if not eligible.any():
+                break  # every row's block is filled, or its answer ended before it
+            logits = denoise(model, prompts, x)
             logits[..., list(special.banned_at_masked)] = torch.where(
                 masked[..., None], float("-inf"), logits[..., list(special.banned_at_masked)])
-            probs = logits.softmax(-1)
-            confidence, x0 = probs.max(-1)
-            confidence = torch.where(masked & in_block, confidence, float("-inf"))
-            top = confidence.topk(k, dim=-1).indices
-            x = x.scatter(1, top, x0.gather(1, top))
+            confidence, x0 = logits.softmax(-1).max(-1)
+            confidence = torch.where(eligible, confidence, float("-inf"))
+            for row in range(b):
+                top = confidence[row].topk(min(k, int(eligible[row].sum()))).indices
+                x[row, top] = x0[row, top]
     texts = []
     for row in x.tolist():
         cut = row.index(special.eot) if special.eot in row else len(row)
