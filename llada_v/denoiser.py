@@ -46,6 +46,10 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
+    # The eager full pass runs PyTorch's fused attention (its kernels keep the softmax statistics in fp32);
+    # the explicit form below is what the ONNX graphs are traced from, and what the fused one is tested against.
+    fused_full_pass = True
+
     def __init__(self, cfg: LanguageConfig):
         super().__init__()
         self.num_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
@@ -61,6 +65,9 @@ class Attention(nn.Module):
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         scale = self.head_dim**-0.5
+        if past_k is None and self.fused_full_pass and not torch.onnx.is_in_onnx_export():
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias == 0, scale=scale)
+            return self.o_proj(out.transpose(1, 2).reshape(b, q_len, c)), k, v
         scores = (q @ k.transpose(-1, -2)).float() * scale
         if past_k is not None:
             # Scores against the cache and against the fresh keys are joined instead of the keys

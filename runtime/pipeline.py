@@ -47,7 +47,8 @@ class Pipeline:
             conversation_ids(self.tokenizer, [{"role": "user", "content": "?"}])
         except Exception as err:  # jinja2's TemplateError family, or a template that renders no text
             raise ValueError(f"the chat template in {runner.folder / 'tokenizer_config.json'} cannot be rendered "
-                             f"({type(err).__name__}: {err}): copy the checkpoint's tokenizer_config.json again") from err
+                             f"({type(err).__name__}: {err}): copy the checkpoint's tokenizer_config.json "
+                             f"again") from err
         # The mask token is banned too: committing it would leave the position masked.
         banned = (*self.special.banned_at_masked, self.special.mask)
         self.banned_ids = torch.tensor(banned, dtype=torch.int64, device=runner.device)
@@ -93,8 +94,8 @@ class Pipeline:
 
         A conversation is a list of message dicts ({"role", "content"}). Any other list is a batch of
         requests (strings, (prompt, image) tuples or Requests, whose prompts may be conversations): it runs
-        as one batch and returns a list of results, each equal to its request run alone. on_step(text) receives the partially
-        decoded answer after every step (single requests only).
+        as one batch and returns a list of results, each equal to its request run alone. on_step(text)
+        receives the partially decoded answer after every step (single requests only).
 
         stats: nfe (denoiser calls) = full_forwards + cached_forwards, steps, seconds, tokens_per_second
         (answer tokens of the batch / seconds), batch_size, prompt_lengths, stage_seconds {preprocess,
@@ -173,14 +174,14 @@ class Pipeline:
         for prompt in prompts:
             if prompt_limit is not None and len(prompt) > prompt_limit:
                 # The official code would silently cut the prompt here, assistant header included.
-                raise PromptTooLongError(f"the prompt takes {len(prompt)} positions (image embeddings included), more than "
-                                 f"the model's tokenizer_model_max_length {prompt_limit}: shorten the prompt or use "
-                                 f"fewer or smaller images")
+                raise PromptTooLongError(f"the prompt takes {len(prompt)} positions (image embeddings included), "
+                                         f"more than the model's tokenizer_model_max_length {prompt_limit}: shorten "
+                                         f"the prompt or use fewer or smaller images")
             if len(prompt) + cfg.gen_length > limit:
                 raise PromptTooLongError(f"the prompt takes {len(prompt)} positions (image embeddings included) and "
-                                 f"gen_length is {cfg.gen_length}: {len(prompt) + cfg.gen_length} exceeds the "
-                                 f"maximum sequence length {limit} of these engines/this model; shorten the prompt, "
-                                 f"use fewer or smaller images, or lower gen_length")
+                                         f"gen_length is {cfg.gen_length}: {len(prompt) + cfg.gen_length} exceeds "
+                                         f"the maximum sequence length {limit} of these engines/this model; shorten "
+                                         f"the prompt, use fewer or smaller images, or lower gen_length")
 
     def _result(self, answer: list[int]) -> GenerationResult:
         ids = answer[:answer.index(self.special.eot)] if self.special.eot in answer else answer

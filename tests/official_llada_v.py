@@ -116,7 +116,8 @@ def select_best_resolution(original_size, possible_resolutions):  # mm_utils.py:
         wasted_resolution = (width * height) - effective_resolution
         if effective_resolution > max_effective_resolution or (
                 effective_resolution == max_effective_resolution and wasted_resolution < min_wasted_resolution):
-            max_effective_resolution, min_wasted_resolution, best_fit = effective_resolution, wasted_resolution, (width, height)
+            max_effective_resolution, min_wasted_resolution = effective_resolution, wasted_resolution
+            best_fit = (width, height)
     return best_fit
 
 
@@ -139,7 +140,8 @@ def process_anyres_image(image, processor, grid_pinpoints):  # mm_utils.py:244-2
     image_padded = resize_and_pad_image(image, best_resolution)
     patch = processor.crop_size["height"]
     width, height = image_padded.size
-    patches = [image_padded.crop((j, i, j + patch, i + patch)) for i in range(0, height, patch) for j in range(0, width, patch)]
+    patches = [image_padded.crop((j, i, j + patch, i + patch))
+               for i in range(0, height, patch) for j in range(0, width, patch)]
     image_original_resize = image.resize((min(processor.size), min(processor.size)))
     return torch.stack([processor.preprocess(p) for p in [image_original_resize] + patches])
 

@@ -132,13 +132,14 @@ class ScriptedRunner(Runner):
     def _activate_impl(self):
         language = LanguageConfig(vocab_size=126349, hidden_size=2, intermediate_size=2, num_hidden_layers=1,
                                   num_attention_heads=1, num_key_value_heads=1)
-        self.config, self.folder, self.dtype = LladaVConfig(language=language, vision=None), self.tokenizer_folder, torch.float32
+        self.config, self.folder = LladaVConfig(language=language, vision=None), self.tokenizer_folder
+        self.dtype = torch.float32
         self.max_sequence_length, self.embed_table = 1024, self.denoiser.embed_tokens.weight
 
     def _deactivate_impl(self):
         pass
 
-    def _denoise_full_impl(self, inputs_embeds, position_ids, attention_mask, logits_index, present_keys, present_values):
+    def _denoise_full_impl(self, inputs_embeds, position_ids, attention_mask, logits_index, *presents):
         return self.denoiser(inputs_embeds, position_ids, attention_mask, logits_index)[0]
 
     def _denoise_cached_impl(self, *args):
