@@ -83,7 +83,8 @@ class RowState:
 
     def advance(self, answer: list[int], cfg: GenerationConfig, special: SpecialTokens) -> None:
         self.step += 1
-        if special.eot in answer and special.mask not in answer[:answer.index(special.eot)]:
+        stop = stop_position(answer, special.eot)
+        if stop < len(answer) and special.mask not in answer[:stop]:
             self.done = True  # early exit: <|eot_id|> is committed and everything before it is filled
             return
         block = answer[self.block * cfg.block_length:(self.block + 1) * cfg.block_length]

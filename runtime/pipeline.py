@@ -14,7 +14,7 @@ import torch
 from llada_v import SpecialTokens, conversation_ids, load_tokenizer
 
 from .config import GenerationConfig
-from .decoding import Batch, Decoder, StageTimer
+from .decoding import Batch, Decoder, StageTimer, stop_position
 from .prompt import (ImageLike, Request, as_request, encode_images, is_conversation, prompt_embeddings,
                      request_ids, tile_images)
 from .runner import Runner
@@ -184,7 +184,7 @@ class Pipeline:
                                          f"the prompt, use fewer or smaller images, or lower gen_length")
 
     def _result(self, answer: list[int]) -> GenerationResult:
-        ids = answer[:answer.index(self.special.eot)] if self.special.eot in answer else answer
+        ids = answer[:stop_position(answer, self.special.eot)]
         return GenerationResult(self.tokenizer.decode(ids, skip_special_tokens=True), ids)
 
     def _partial_text(self, answer: list[int]) -> str:
