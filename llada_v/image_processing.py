@@ -44,6 +44,10 @@ class ImageTiles:
     grid: tuple[int, int] | None  # (cols, rows); None for a padded square view alone ("pad")
 
 
+class ImageTooLargeError(ValueError):
+    """The image has more pixels than MAX_IMAGE_PIXELS (a decompression bomb, or a photo to downscale)."""
+
+
 def load_image(image) -> Image.Image:
     """A path, encoded image bytes, PIL image or RGB uint8 array [H, W, 3] -> PIL image, upright, in its
     own mode (the official code resizes before converting to RGB, which decides how transparency and
@@ -58,7 +62,7 @@ def load_image(image) -> Image.Image:
         except FileNotFoundError as err:
             raise ValueError(f"image file {image} does not exist") from err
         except Image.DecompressionBombError as err:
-            raise ValueError(f"{name} is too large to decode ({err}); at most {MAX_IMAGE_PIXELS} pixels") from err
+            raise ImageTooLargeError(f"{name} is too large to decode ({err}); at most {MAX_IMAGE_PIXELS} pixels") from err
         except (UnidentifiedImageError, OSError) as err:
             raise ValueError(f"cannot read {name}: not a readable image file ({err})") from err
     if isinstance(image, Image.Image):
@@ -81,7 +85,7 @@ def _check_pixels(image: Image.Image, name: str) -> None:
     if width < 1 or height < 1:
         raise ValueError(f"{name} has no pixels ({width}x{height})")
     if width * height > MAX_IMAGE_PIXELS:
-        raise ValueError(f"{name} has {width}x{height} = {width * height} pixels, more than the {MAX_IMAGE_PIXELS} "
+        raise ImageTooLargeError(f"{name} has {width}x{height} = {width * height} pixels, more than the {MAX_IMAGE_PIXELS} "
                          f"allowed: downscale it first (the model sees at most 6x6 tiles anyway)")
 
 

@@ -1,9 +1,12 @@
 """The diffusion loop (DESIGN §3) with the refresh-interval cache (§4), over a batch of left-padded rows.
 
 Every row keeps its own block, step, commit schedule and generator, and a row that is done drops out,
-so each row decodes exactly as it would alone. Rows in step share one denoiser call per kind: one full
-forward for the rows that refresh (or have no cache), one cached forward per block for the others
-(rows only sit in different blocks with `threshold`, where blocks end when their masks run out).
+so each row decodes exactly as it would alone. Between steps, rows can join (`admit`) and leave
+(`retire`): the batch is left-padded anew to its longest prompt, which only shifts each row's slots, so
+a row's positions, cache contents and answer are what they were (iteration-level batching).
+Rows in step share one denoiser call per kind: one full forward for the rows that refresh (or have no
+cache), one cached forward per block for the others (rows sit in different blocks with `threshold`,
+where blocks end when their masks run out, or when they joined at different steps).
 """
 
 from __future__ import annotations
@@ -57,6 +60,16 @@ class Batch:
     def length(self) -> int:
         return self.embeds.shape[1]
 
+    def prompt(self, row: int) -> torch.Tensor:
+        """Row `row`'s prompt embeddings [Lp, C], without its left padding."""
+        return self.embeds[row, self.gen_start - self.prompt_lengths[row]:self.gen_start]
+
+    def regrouped(self, keep: list[int], prompts: list[torch.Tensor], mask_id: int, runner: Runner) -> "Batch":
+        """Rows `keep` of this batch (their answers so far) followed by new rows for `prompts`, left-padded anew."""
+        batch = Batch.left_padded([self.prompt(r) for r in keep] + prompts, self.tokens.shape[1], mask_id, runner)
+        batch.tokens[:len(keep)] = self.tokens[keep]
+        return batch
+
     def embed_answers(self, runner: Runner) -> None:
         self.embeds[:, self.gen_start:] = runner.embed(self.tokens)
 
@@ -80,6 +93,8 @@ class RowState:
     step: int = 0
     schedule: list[int] | None = None  # None until the block starts
     done: bool = False
+    full_forwards: int = 0  # denoiser calls this row took part in
+    cached_forwards: int = 0
 
     def advance(self, answer: list[int], cfg: GenerationConfig, special: SpecialTokens) -> None:
         self.step += 1
@@ -96,17 +111,20 @@ class RowState:
 
 
 class Decoder:
-    """Iterating runs the steps; after each one it yields every row's answer ids (masks included)."""
+    """Iterating runs the steps; after each one it yields every row's answer ids (masks included).
+
+    seeds: one per row (default: every row cfg.seed); the settings other than the seed are the batch's.
+    """
 
     def __init__(self, runner: Runner, batch: Batch, cfg: GenerationConfig, special: SpecialTokens,
-                 banned_ids: torch.Tensor, timer: "StageTimer"):
+                 banned_ids: torch.Tensor, timer: "StageTimer", seeds: list[int] | None = None):
         self.runner, self.batch, self.cfg, self.special, self.timer = runner, batch, cfg, special, timer
-        lm = runner.config.language
         self.cache = None
         if cfg.cache != "none":
-            shape = (lm.num_hidden_layers, batch.size, lm.num_attention_heads, batch.length, lm.head_dim)
-            self.cache = KVCache(cfg.cache, cfg.refresh_interval, shape, runner.dtype, runner.device)
-        self.generators = [torch.Generator(runner.device).manual_seed(cfg.seed) for _ in range(batch.size)]
+            self.cache = KVCache(cfg.cache, cfg.refresh_interval, self._cache_shape(batch), runner.dtype,
+                                 runner.device)
+        seeds = [cfg.seed] * batch.size if seeds is None else seeds
+        self.generators = [torch.Generator(runner.device).manual_seed(seed) for seed in seeds]
         self.remasker = Remasker(cfg, banned_ids)
         self.rows = [RowState() for _ in range(batch.size)]
         self.counts = {"full_forwards": 0, "cached_forwards": 0, "steps": 0}
@@ -114,12 +132,55 @@ class Decoder:
         self.answers = batch.tokens.tolist()
 
     def __iter__(self):
+        while self.step():
+            yield self.answers
+
+    def step(self) -> bool:
+        """One step of every row still decoding; False (and nothing run) when none is."""
+        active = [r for r, row in enumerate(self.rows) if not row.done]
+        if not active:
+            return False
         # The thread setting is process-wide: set around each step, never across a yield, so an abandoned
         # iterator (a stream the caller stops reading) leaves it as it was.
-        while active := [r for r, row in enumerate(self.rows) if not row.done]:
-            with torch_threads(self.runner.loop_threads):
-                self._step(active)
-            yield self.answers
+        with torch_threads(self.runner.loop_threads):
+            self._step(active)
+        return True
+
+    def admit(self, prompts: list[torch.Tensor], seeds: list[int]) -> None:
+        """New rows at the end, starting at their first step (which is a full forward: it fills their cache)."""
+        self._regroup(list(range(self.batch.size)), prompts)
+        self.generators += [torch.Generator(self.runner.device).manual_seed(seed) for seed in seeds]
+        self.rows += [RowState() for _ in prompts]
+
+    def retire(self, rows: list[int]) -> None:
+        """Drop `rows` (finished or abandoned; at least one row stays); the others keep their order and the
+        batch shrinks to them."""
+        leaving = set(rows)
+        keep = [r for r in range(self.batch.size) if r not in leaving]
+        if not keep:
+            raise ValueError("retire leaves no row: drop the decoder instead")
+        self._regroup(keep, [])
+        self.generators = [self.generators[r] for r in keep]
+        self.rows = [self.rows[r] for r in keep]
+
+    def _regroup(self, keep: list[int], prompts: list[torch.Tensor]) -> None:
+        old = self.batch
+        self.batch = old.regrouped(keep, prompts, self.special.mask, self.runner)
+        if self.cache is not None:
+            # Every row ends with the same answer span, so the kept rows' slots move together: copy the
+            # last `span` slots (the new layout's padding in front stays zeros, and masked).
+            keys, values = self.cache.keys, self.cache.values
+            self.cache.keys, self.cache.values = (torch.zeros(self._cache_shape(self.batch), dtype=keys.dtype,
+                                                              device=keys.device) for _ in range(2))
+            span = min(old.length, self.batch.length)
+            index = torch.tensor(keep, dtype=torch.int64, device=keys.device)
+            for new, previous in ((self.cache.keys, keys), (self.cache.values, values)):
+                new[:, :len(keep), :, -span:] = previous.index_select(1, index)[:, :, :, -span:]
+        self.answers = self.batch.tokens.tolist()
+
+    def _cache_shape(self, batch: Batch) -> tuple[int, int, int, int, int]:
+        lm = self.runner.config.language
+        return lm.num_hidden_layers, batch.size, lm.num_attention_heads, batch.length, lm.head_dim
 
     def _step(self, active: list[int]) -> None:
         width, mask_id = self.cfg.block_length, self.special.mask
@@ -153,6 +214,8 @@ class Decoder:
             if self.cache is not None and not in_place:
                 self.cache.update(keys, values, index)
         self.counts["full_forwards"] += 1
+        for r in rows:
+            self.rows[r].full_forwards += 1
         return rows, logits
 
     def _cached_forward(self, block: int, rows: list[int]) -> tuple[list[int], torch.Tensor]:
@@ -167,6 +230,8 @@ class Decoder:
                 self.offsets.expand(len(rows), -1), past_keys, past_values, self.cache.past_mask(mask, start, end),
                 start)
         self.counts["cached_forwards"] += 1
+        for r in rows:
+            self.rows[r].cached_forwards += 1
         return rows, logits
 
     def _commit(self, pieces: list[tuple[list[int], torch.Tensor]]) -> None:

@@ -15,8 +15,9 @@ from llada_v import SpecialTokens, conversation_ids, load_tokenizer
 
 from .config import GenerationConfig
 from .decoding import Batch, Decoder, StageTimer, stop_position
-from .prompt import (ImageLike, Request, as_request, encode_images, is_conversation, prompt_embeddings,
-                     request_ids, tile_images)
+from .image_cache import ImageEmbeddingCache
+from .prompt import (ImageLike, Request, as_request, image_embeddings, is_conversation, prompt_embeddings,
+                     request_ids)
 from .runner import Runner
 
 if TYPE_CHECKING:
@@ -39,7 +40,10 @@ class PromptTooLongError(ValueError):
 
 
 class Pipeline:
-    def __init__(self, runner: Runner):
+    """image_cache: an ImageEmbeddingCache shared by every call (None: each image is encoded anew)."""
+
+    def __init__(self, runner: Runner, image_cache: ImageEmbeddingCache | None = None):
+        self.image_cache = image_cache
         self.runner = runner.activate()
         self.tokenizer = load_tokenizer(runner.folder)
         self.special = SpecialTokens.from_tokenizer(self.tokenizer)
@@ -56,25 +60,30 @@ class Pipeline:
     @classmethod
     def load(cls, path: str | Path, backend: str = "onnxruntime", *, device: str | None = None,
              dtype: torch.dtype = torch.float32, providers: list[str] | None = None,
-             fused_cache: bool | None = None) -> "Pipeline":
+             fused_cache: bool | None = None, image_cache_mb: float = 0) -> "Pipeline":
         """An engines folder with backend "onnxruntime" or "tensorrt", or a checkpoint folder with "torch".
 
         device: "cpu" or "cuda" (default: "cuda" for tensorrt, else "cpu"); dtype (torch only): the
         weights' dtype; providers (onnxruntime only): execution providers; fused_cache (torch only): see
-        TorchRunner.
+        TorchRunner; image_cache_mb: keep up to this many MB of image embeddings for images seen again
+        (0 = none).
         """
+        if not isinstance(image_cache_mb, (int, float)) or isinstance(image_cache_mb, bool) \
+                or not 0 <= image_cache_mb < float("inf"):
+            raise ValueError(f"image_cache_mb must be a number of MB >= 0, got {image_cache_mb!r}")
+        cache = ImageEmbeddingCache(int(image_cache_mb * 2**20)) if image_cache_mb > 0 else None
         if backend == "onnxruntime":
             from .ort_runner import OnnxRuntimeRunner
 
-            return cls(OnnxRuntimeRunner(path, device or "cpu", providers))
+            return cls(OnnxRuntimeRunner(path, device or "cpu", providers), cache)
         if backend == "tensorrt":
             from .trt_runner import TensorRTRunner
 
-            return cls(TensorRTRunner(path, device or "cuda"))
+            return cls(TensorRTRunner(path, device or "cuda"), cache)
         if backend == "torch":
             from .torch_runner import TorchRunner
 
-            return cls(TorchRunner(path, device or "cpu", dtype, fused_cache))
+            return cls(TorchRunner(path, device or "cpu", dtype, fused_cache), cache)
         raise ValueError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
 
     def close(self) -> None:
@@ -147,14 +156,16 @@ class Pipeline:
             raise ValueError(f"config must be a GenerationConfig, got {type(cfg).__name__}")
         runner = self.runner
         timer = StageTimer(runner.device)
-        ids = [request_ids(r, self.tokenizer) for r in requests]
-        with timer("preprocess"):
-            tiles = tile_images(requests, runner)
-        images = encode_images(tiles, runner, timer)
-        prompts = [prompt_embeddings(i, im, runner) for i, im in zip(ids, images)]
-        self._check_length(prompts, cfg)
+        prompts = self.embed_prompts(requests, timer)
+        self.check_length(prompts, cfg)
         batch = Batch.left_padded(prompts, cfg.gen_length, self.special.mask, runner)
         return Decoder(runner, batch, cfg, self.special, self.banned_ids, timer)
+
+    def embed_prompts(self, requests: list[Request], timer: StageTimer) -> list[torch.Tensor]:
+        """Each request's prompt [Lp, C], its images spliced in (all images through one vision call)."""
+        ids = [request_ids(r, self.tokenizer) for r in requests]
+        images = image_embeddings(requests, self.runner, timer, self.image_cache)
+        return [prompt_embeddings(i, im, self.runner) for i, im in zip(ids, images)]
 
     def _results(self, decoder: Decoder) -> list[GenerationResult]:
         seconds = decoder.timer.elapsed()
@@ -168,7 +179,7 @@ class Pipeline:
             res.stats = copy.deepcopy(stats)
         return results
 
-    def _check_length(self, prompts: list[torch.Tensor], cfg: GenerationConfig) -> None:
+    def check_length(self, prompts: list[torch.Tensor], cfg: GenerationConfig) -> None:
         limit = self.runner.max_sequence_length
         prompt_limit = self.runner.config.tokenizer_model_max_length
         for prompt in prompts:

@@ -14,9 +14,10 @@ import torch
 from PIL import Image
 
 from llada_v import IMAGE_TOKEN_INDEX, conversation_ids
-from llada_v.image_processing import ImageTiles, merge_tile_embeddings, preprocess
+from llada_v.image_processing import load_image, merge_tile_embeddings, preprocess
 from llada_v.tokenizer import IMAGE_PLACEHOLDER, with_image_placeholders
 
+from .image_cache import ImageEmbeddingCache
 from .runner import Runner
 
 ImageLike = Union[str, Path, bytes, BinaryIO, Image.Image, np.ndarray]
@@ -113,33 +114,46 @@ def as_request(item) -> Request:
     raise ValueError(f"a request must be a prompt string, a (prompt, image) tuple or a Request, got {type(item).__name__}")
 
 
-def tile_images(requests: list[Request], runner: Runner) -> list[list[ImageTiles]]:
-    """Preprocess every request's images (ValueError for an unreadable image or a text-only model): one
-    image is tiled (anyres), each of several is padded to one square view, as the official evaluation
-    does (llava_onevision_llada.py:466-468)."""
-    tiles = []
-    for request in requests:
-        if request.images and not runner.config.has_vision:
-            raise ValueError("this model is text-only: it cannot take images")
-        aspect = "pad" if len(request.images) > 1 else "anyres"
-        tiles.append([preprocess(image, runner.config, aspect) for image in request.images])
-    return tiles
-
-
-def encode_images(tiles: list[list[ImageTiles]], runner: Runner, timer) -> list[list[torch.Tensor]]:
-    """All tiles of all requests through one vision and one projector call; per image its merged
-    embeddings [M, C] (global view, then the unpadded grid with image_newline ending every row)."""
-    flat = [t for per_request in tiles for t in per_request]
-    if not flat:
-        return [[] for _ in tiles]
-    pixel_values = torch.cat([t.pixel_values for t in flat]).to(runner.device)
-    with timer("vision"):
-        features = runner.vision(pixel_values)
-    with timer("projector"):
-        embeddings = runner.projector(features)
-    merged = iter([merge_tile_embeddings(e, t, runner.image_newline, runner.config)
-                   for e, t in zip(embeddings.split([len(t.pixel_values) for t in flat]), flat)])
-    return [[next(merged) for _ in per_request] for per_request in tiles]
+def image_embeddings(requests: list[Request], runner: Runner, timer,
+                     cache: ImageEmbeddingCache | None = None) -> list[list[torch.Tensor]]:
+    """Per request, each image's merged embeddings [M, C] (global view, then the unpadded grid with
+    image_newline ending every row). One image is tiled (anyres), each of several is padded to one square
+    view, as the official evaluation does (llava_onevision_llada.py:466-468). The images not in `cache`
+    go through one vision and one projector call (each distinct image once) and are added to it.
+    ValueError for an unreadable image or a text-only model."""
+    with timer("preprocess"):
+        slots, todo = [], {}  # per request the key of each image; key -> (image, aspect) to encode
+        found: dict = {}
+        for request in requests:
+            if request.images and not runner.config.has_vision:
+                raise ValueError("this model is text-only: it cannot take images")
+            aspect = "pad" if len(request.images) > 1 else "anyres"
+            keys = []
+            for image in request.images:
+                image = load_image(image)
+                key = len(todo) if cache is None else cache.key(image, aspect)  # without a cache each image is new
+                keys.append(key)
+                if key in todo or key in found:
+                    continue
+                embeddings = None if cache is None else cache.get(key)
+                if embeddings is None:
+                    todo[key] = (image, aspect)
+                else:
+                    found[key] = embeddings
+            slots.append(keys)
+        tiles = {key: preprocess(image, runner.config, aspect) for key, (image, aspect) in todo.items()}
+    if tiles:
+        pixel_values = torch.cat([t.pixel_values for t in tiles.values()]).to(runner.device)
+        with timer("vision"):
+            features = runner.vision(pixel_values)
+        with timer("projector"):
+            embeddings = runner.projector(features)
+        pieces = embeddings.split([len(t.pixel_values) for t in tiles.values()])
+        for (key, t), piece in zip(tiles.items(), pieces):
+            found[key] = merge_tile_embeddings(piece, t, runner.image_newline, runner.config)
+            if cache is not None:
+                cache.put(key, found[key].clone())  # a padded view alone is a view of the whole output
+    return [[found[key] for key in keys] for keys in slots]
 
 
 def prompt_embeddings(ids: list[int], images: list[torch.Tensor], runner: Runner) -> torch.Tensor:

@@ -55,3 +55,21 @@ def engines_dir(tmp_path_factory):
     from exporter.build import build_engines
 
     return build_engines(None, tmp_path_factory.mktemp("engines") / "fp32", "fp32", progress=False)
+
+
+@pytest.fixture(scope="session")
+def no_eot_model_dir(tmp_path_factory):
+    """The shipped model made never to answer <|eot_id|>: every embedding gets a component along one channel,
+    which survives to the final norm, and eot's lm_head row reads only that channel, strongly negatively
+    (the mirror of test_pipeline's always-eot model), so no early exit can happen. The component is small
+    (+2), so the other logits keep their margins: a larger one flattens the normed state onto that channel
+    and leaves near-ties that the rounding of another batch shape flips."""
+    folder = tmp_path_factory.mktemp("no-eot")
+    model = llada_v.load_model(llada_v.SHIPPED_MODEL_DIR)
+    eot = llada_v.SpecialTokens.from_tokenizer(llada_v.load_tokenizer(llada_v.SHIPPED_MODEL_DIR)).eot
+    with torch.no_grad():
+        model.denoiser.embed_tokens.weight[:, 0] += 2.0
+        model.denoiser.lm_head.weight[eot] = 0.0
+        model.denoiser.lm_head.weight[eot, 0] = -1000.0
+    llada_v.save_model(model, folder, tokenizer_folder=llada_v.SHIPPED_MODEL_DIR)
+    return folder

@@ -20,22 +20,6 @@ def torch_pipe():
     return Pipeline.load(llada_v.SHIPPED_MODEL_DIR, backend="torch")
 
 
-@pytest.fixture(scope="module")
-def no_eot_model_dir(tmp_path_factory):
-    """The shipped model made never to answer <|eot_id|>: every embedding gets a large component along one
-    channel, which survives the final norm, and eot's lm_head row reads only that channel, negatively
-    (the mirror of test_pipeline's always-eot model), so no early exit can happen (at temperature 0)."""
-    folder = tmp_path_factory.mktemp("no-eot")
-    model = llada_v.load_model(llada_v.SHIPPED_MODEL_DIR)
-    eot = llada_v.SpecialTokens.from_tokenizer(llada_v.load_tokenizer(llada_v.SHIPPED_MODEL_DIR)).eot
-    with torch.no_grad():
-        model.denoiser.embed_tokens.weight[:, 0] += 100.0
-        model.denoiser.lm_head.weight[eot] = 0.0
-        model.denoiser.lm_head.weight[eot, 0] = -10.0
-    llada_v.save_model(model, folder, tokenizer_folder=llada_v.SHIPPED_MODEL_DIR)
-    return folder
-
-
 def image(seed: int, size=(90, 140)) -> np.ndarray:
     return (np.random.RandomState(seed).rand(*size, 3) * 255).astype(np.uint8)
 

@@ -1,0 +1,47 @@
+"""Scale-out on Ray Serve: the same FastAPI app (server.py) from N replicas, each loading its own engines
+and running its own Scheduler; Ray's proxy spreads the requests. `ray[serve]` is an optional extra.
+
+    python -m runtime serve --engines engines --ray --replicas 2
+
+On CUDA each replica asks Ray for one GPU (`num_gpus=1`), so N replicas need N GPUs; on the CPU each asks
+for one CPU. Replicas load before they take traffic (the app's startup waits for the engines).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .server import ServerSettings, create_app
+
+
+def deployment(settings: ServerSettings, replicas: int):
+    """The Ray Serve application: `serve.run(deployment(settings, 2))`."""
+    try:
+        from ray import serve
+    except ImportError as err:
+        raise ValueError("--ray needs Ray Serve: pip install -e '.[ray]'") from err
+    if not isinstance(replicas, int) or replicas < 1:
+        raise ValueError(f"--replicas must be an integer >= 1, got {replicas!r}")
+    settings = dataclasses.replace(settings, load_in_background=False)
+    gpu = settings.backend == "tensorrt" or (settings.device or "").startswith("cuda")
+    options = {"num_gpus": 1} if gpu else {"num_cpus": 1}
+
+    # A builder: each replica makes its own app (its own engines, scheduler and metrics) when it starts.
+    @serve.deployment(name="llada_v", num_replicas=replicas, ray_actor_options=options,
+                      max_ongoing_requests=settings.max_batch + settings.max_queue)
+    @serve.ingress(lambda: create_app(settings))
+    class LladaV:
+        pass
+
+    return LladaV.bind()
+
+
+def serve_on_ray(settings: ServerSettings, replicas: int, host: str, port: int) -> None:
+    """Start Ray (local) and Serve on host:port, deploy, and block until interrupted."""
+    app = deployment(settings, replicas)
+    import ray
+    from ray import serve
+
+    ray.init(ignore_reinit_error=True)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(app, name="llada_v", route_prefix="/", blocking=True)

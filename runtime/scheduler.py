@@ -1,0 +1,337 @@
+"""Scheduler: iteration-level batching over one Pipeline, for a server with many clients.
+
+One worker thread owns the runner. Between denoising steps it retires the rows that finished or whose
+client went away and admits waiting requests, up to `max_batch` rows in all, so a request that arrives
+while others run starts at the next step, not after the batch ends. Requests join a group of the same
+settings (the GenerationConfig less the seed: the batch shares block length, steps, cache and the rest,
+each row keeps its own seed), and each group is one Decoder whose step is one denoiser call per kind;
+groups take their steps in turn. Rows are left-padded anew when they join or leave (decoding.py), so
+every answer is the one the same request gives alone.
+
+    scheduler = Scheduler(pipeline, max_batch=8).start()
+    job = scheduler.submit(Request("Hi"), GenerationConfig(gen_length=32), on_event=print)
+    job.wait(); print(job.result.text)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .config import GenerationConfig
+from .decoding import Batch, Decoder, StageTimer, stop_position
+from .pipeline import GenerationResult, Pipeline
+from .prompt import Request
+
+log = logging.getLogger(__name__)
+
+
+class QueueFullError(RuntimeError):
+    """Every place in the queue is taken: retry later."""
+
+
+class SchedulerStoppedError(RuntimeError):
+    """The scheduler is stopping or stopped: it takes no new requests."""
+
+
+@dataclass
+class Event:
+    """What a job reports, on the worker thread: kind "tokens" (the answer's final prefix grew: `token_ids`),
+    "done" (`result`) or "error" (`error`, a ValueError for a bad request, anything else for a fault)."""
+
+    kind: str
+    token_ids: list[int] | None = None
+    result: GenerationResult | None = None
+    error: BaseException | None = None
+
+
+@dataclass
+class Job:
+    request: Request
+    config: GenerationConfig
+    on_event: Callable[[Event], None]
+    max_tokens: int | None = None  # the answer is cut after this many tokens (None: gen_length)
+    submitted: float = field(default_factory=time.perf_counter)
+    started: float | None = None
+    result: GenerationResult | None = None
+    error: BaseException | None = None
+    cancelled: bool = False
+    _done: threading.Event = field(default_factory=threading.Event)
+    _shown: int = 0  # tokens of the final prefix already reported
+
+    def cancel(self) -> None:
+        """Free the job's row (or its place in the queue) at the next step; it then reports nothing more."""
+        self.cancelled = True
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    @property
+    def finished(self) -> bool:
+        return self._done.is_set()
+
+    def _report(self, event: Event) -> None:
+        if event.kind == "done":
+            self.result = event.result
+        elif event.kind == "error":
+            self.error = event.error
+        if event.kind != "tokens":
+            self._done.set()
+        try:
+            self.on_event(event)
+        except Exception:  # a listener's fault must not stop the worker that serves everyone else
+            log.exception("a job's event listener failed")
+
+
+@dataclass
+class Group:
+    """The running rows of one setting: their Decoder and, row for row, their jobs."""
+
+    decoder: Decoder
+    jobs: list[Job]
+
+
+class Scheduler:
+    def __init__(self, pipeline: Pipeline, max_batch: int = 8, max_queue: int = 64, metrics=None):
+        for name, value in (("max_batch", max_batch), ("max_queue", max_queue)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        self.pipeline, self.max_batch, self.max_queue, self.metrics = pipeline, max_batch, max_queue, metrics
+        self.groups: dict[GenerationConfig, Group] = {}
+        self._waiting: deque[Job] = deque()
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._abort = False
+        self._thread: threading.Thread | None = None
+
+    # ---- clients' side (any thread) -----------------------------------------------------------------
+
+    def start(self) -> "Scheduler":
+        self._thread = threading.Thread(target=self._work, name="llada-v-scheduler", daemon=True)
+        self._thread.start()
+        return self
+
+    def submit(self, request: Request, config: GenerationConfig,
+               on_event: Callable[[Event], None] = lambda event: None, max_tokens: int | None = None) -> Job:
+        """Queue one request; QueueFullError when max_queue requests already wait."""
+        if not isinstance(config, GenerationConfig):
+            raise ValueError(f"config must be a GenerationConfig, got {type(config).__name__}")
+        job = Job(request, config, on_event, max_tokens)
+        with self._wake:
+            if self._stopping:
+                raise SchedulerStoppedError("the server is shutting down: it takes no new requests")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFullError(f"{len(self._waiting)} requests are already waiting (max_queue "
+                                     f"{self.max_queue}): retry later")
+            self._waiting.append(job)
+            self._observe_queue()
+            self._wake.notify()
+        return job
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Take no new requests, finish the running and waiting ones within `timeout` seconds (None: wait for
+        all), then fail what is left and end the worker."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is None:
+            return
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            with self._wake:
+                self._abort = True
+                self._wake.notify()
+            self._thread.join()
+
+    @property
+    def running_rows(self) -> int:
+        return sum(len(g.jobs) for g in self.groups.values())
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    # ---- the worker ---------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            with self._wake:
+                while not self._waiting and not self.groups and not self._stopping:
+                    self._wake.wait()
+                if self._abort or (self._stopping and not self._waiting and not self.groups):
+                    break
+                admitted = self._take_admissible()
+            try:
+                self._admit(admitted)
+                for key in list(self.groups):
+                    self._step(key)
+            except Exception as err:  # a fault of the engines: every running request fails, the worker goes on
+                log.exception("a denoising step failed")
+                for group in self.groups.values():
+                    for job in group.jobs:
+                        job._report(Event("error", error=err))
+                self.groups.clear()
+            self._observe_batch()
+        stopped = SchedulerStoppedError("the server stopped before this request finished")
+        with self._wake:
+            left = [job for g in self.groups.values() for job in g.jobs] + list(self._waiting)
+            self.groups.clear()
+            self._waiting.clear()
+        for job in left:
+            job._report(Event("error", error=stopped))
+
+    def _take_admissible(self) -> list[Job]:
+        admitted = []
+        while self._waiting and self.running_rows + len(admitted) < self.max_batch:
+            job = self._waiting.popleft()
+            if not job.cancelled:
+                admitted.append(job)
+            else:
+                job._done.set()
+                self._count("cancelled")
+        self._observe_queue()
+        return admitted
+
+    def _admit(self, jobs: list[Job]) -> None:
+        """Prompt embeddings of the new jobs (the images of all of them through one vision call), then each
+        joins its group; a job with a bad request fails alone."""
+        if not jobs:
+            return
+        prompts = self._embed(jobs)
+        now = time.perf_counter()
+        joining: dict[GenerationConfig, list[tuple[Job, torch.Tensor]]] = {}
+        for job, prompt in zip(jobs, prompts):
+            if isinstance(prompt, ValueError):
+                job._report(Event("error", error=prompt))
+                self._count("invalid")
+                continue
+            job.started = now
+            joining.setdefault(dataclasses.replace(job.config, seed=0), []).append((job, prompt))
+        pipeline = self.pipeline
+        for key, members in joining.items():
+            new_jobs, new_prompts = [j for j, _ in members], [p for _, p in members]
+            seeds = [j.config.seed for j in new_jobs]
+            group = self.groups.get(key)
+            if group is None:
+                batch = Batch.left_padded(new_prompts, key.gen_length, pipeline.special.mask, pipeline.runner)
+                decoder = Decoder(pipeline.runner, batch, key, pipeline.special, pipeline.banned_ids,
+                                  StageTimer(pipeline.runner.device), seeds)
+                self.groups[key] = Group(decoder, new_jobs)
+            else:
+                group.decoder.admit(new_prompts, seeds)
+                group.jobs += new_jobs
+            if self.metrics is not None:
+                self.metrics.admitted([now - j.submitted for j in new_jobs])
+
+    def _embed(self, jobs: list[Job]) -> list[torch.Tensor | ValueError]:
+        """Each job's prompt embeddings, or the ValueError that says what is wrong with its request."""
+        pipeline, timer = self.pipeline, StageTimer(self.pipeline.runner.device)
+        cache = pipeline.image_cache
+        lookups = (cache.hits, cache.misses) if cache is not None else None
+        try:
+            prompts = pipeline.embed_prompts([job.request for job in jobs], timer)
+        except ValueError:  # one of them is bad: find which, each on its own
+            prompts = []
+            for job in jobs:
+                try:
+                    prompts += pipeline.embed_prompts([job.request], timer)
+                except ValueError as err:
+                    prompts.append(err)
+        checked = []
+        for job, prompt in zip(jobs, prompts):
+            if not isinstance(prompt, ValueError):
+                try:
+                    pipeline.check_length([prompt], job.config)
+                except ValueError as err:
+                    prompt = err
+            checked.append(prompt)
+        if self.metrics is not None and cache is not None:
+            self.metrics.image_lookups(cache.hits - lookups[0], cache.misses - lookups[1])
+        return checked
+
+    def _step(self, key: GenerationConfig) -> None:
+        group = self.groups[key]
+        cancelled = [r for r, job in enumerate(group.jobs) if job.cancelled]
+        for r in cancelled:
+            group.jobs[r]._done.set()
+        self._retire(key, cancelled, "cancelled")
+        if key not in self.groups:
+            return
+        decoder, mask = group.decoder, self.pipeline.special.mask
+        before, masked = dict(decoder.counts), sum(a.count(mask) for a in decoder.answers)
+        start = time.perf_counter()
+        decoder.step()
+        if self.metrics is not None:
+            calls = {kind: decoder.counts[kind] - before[kind] for kind in ("full_forwards", "cached_forwards")}
+            committed = masked - sum(a.count(mask) for a in decoder.answers)
+            self.metrics.stepped(time.perf_counter() - start, calls, committed)
+        finished = []
+        for r, job in enumerate(group.jobs):
+            if decoder.rows[r].done:
+                job._report(Event("done", result=self._result(job, decoder, r)))
+                finished.append(r)
+            else:
+                self._report_prefix(job, decoder.answers[r])
+        self._retire(key, finished, "completed")
+
+    def _retire(self, key: GenerationConfig, rows: list[int], outcome: str) -> None:
+        if not rows:
+            return
+        group = self.groups[key]
+        if len(rows) == len(group.jobs):
+            del self.groups[key]
+        else:
+            group.decoder.retire(rows)
+            leaving = set(rows)
+            group.jobs = [job for r, job in enumerate(group.jobs) if r not in leaving]
+        for _ in rows:
+            self._count(outcome)
+
+    def _count(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.finished(outcome)
+
+    def _report_prefix(self, job: Job, answer: list[int]) -> None:
+        """The answer is final up to its first still-masked position (or <|eot_id|>): report it as it grows."""
+        special = self.pipeline.special
+        end = stop_position(answer, special.eot)
+        if special.mask in answer[:end]:
+            end = answer.index(special.mask)
+        if job.max_tokens is not None:
+            end = min(end, job.max_tokens)
+        if end > job._shown:
+            job._shown = end
+            job._report(Event("tokens", token_ids=answer[:end]))
+
+    def _result(self, job: Job, decoder: Decoder, row: int) -> GenerationResult:
+        answer = decoder.answers[row]
+        result = self.pipeline._result(answer[:job.max_tokens] if job.max_tokens is not None else answer)
+        state = decoder.rows[row]
+        seconds = time.perf_counter() - job.started
+        stop = stop_position(answer, self.pipeline.special.eot)
+        ended = stop < len(answer) and (job.max_tokens is None or stop <= job.max_tokens)
+        result.stats = {"nfe": state.full_forwards + state.cached_forwards, "full_forwards": state.full_forwards,
+                        "cached_forwards": state.cached_forwards, "seconds": seconds,
+                        "queue_seconds": job.started - job.submitted,
+                        "tokens_per_second": len(result.token_ids) / seconds if seconds > 0 else 0.0,
+                        "prompt_length": decoder.batch.prompt_lengths[row],
+                        "finish_reason": "stop" if ended else "length"}
+        if self.metrics is not None:
+            self.metrics.tokens(len(result.token_ids))
+        return result
+
+    def _observe_queue(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(len(self._waiting))
+
+    def _observe_batch(self) -> None:
+        if self.metrics is not None:
+            self.metrics.batch_rows.set(self.running_rows)
+

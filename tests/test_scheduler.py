@@ -1,0 +1,193 @@
+"""Iteration-level batching (runtime/scheduler.py, Decoder.admit/retire) and the image-embedding cache: every
+answer equals its request run alone, with rows joining and leaving between steps."""
+
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import llada_v
+from runtime import GenerationConfig, Pipeline, Request
+from runtime.image_cache import ImageEmbeddingCache
+from runtime.metrics import ServerMetrics
+from runtime.scheduler import QueueFullError, Scheduler, SchedulerStoppedError
+
+
+@pytest.fixture(scope="module")
+def long_pipe(no_eot_model_dir):
+    """Answers that never end early, so rows really overlap."""
+    with Pipeline.load(no_eot_model_dir, backend="torch") as pipe:
+        yield pipe
+
+
+def image(seed: int, size=(90, 140)) -> np.ndarray:
+    return (np.random.RandomState(seed).rand(*size, 3) * 255).astype(np.uint8)
+
+
+REQUESTS = [("What colour is the circle?", image(0)), ("Hi", None), ("How many shapes?", image(1, (200, 64))),
+            ("Compare <image> with <image>.", [image(2), image(3)]), ("Tell me more, please, at length.", None),
+            ("What shape is red?", image(4, (64, 64)))]
+
+
+def staggered(pipe, requests, configs, max_batch):
+    """Submit each request once the previous one has committed its first tokens (so requests join a running
+    batch), and return the jobs and the largest number of rows that ran together."""
+    scheduler = Scheduler(pipe, max_batch=max_batch).start()
+    jobs, widest = [], 0
+    try:
+        for (prompt, img), cfg in zip(requests, configs):
+            started = threading.Event()
+            jobs.append(scheduler.submit(Request(prompt, img), cfg, lambda e, s=started: s.set()))
+            started.wait(30)
+            widest = max(widest, scheduler.running_rows)
+        for job in jobs:
+            assert job.wait(60)
+    finally:
+        scheduler.stop()
+    return jobs, widest
+
+
+@pytest.mark.parametrize("settings", [dict(cache="none"), dict(cache="prefix", refresh_interval=3),
+                                      dict(cache="dual", refresh_interval=2), dict(cache="dual", threshold=0.5),
+                                      dict(temperature=0.7, remasking="random")])
+def test_rows_joining_and_leaving_answer_as_alone(long_pipe, settings):
+    configs = [GenerationConfig(gen_length=16, block_length=8, steps=16, seed=seed, **settings)
+               for seed in range(len(REQUESTS))]
+    alone = [long_pipe.generate(Request(p, i), config=c).token_ids for (p, i), c in zip(REQUESTS, configs)]
+    jobs, widest = staggered(long_pipe, REQUESTS, configs, max_batch=3)
+    assert [job.error for job in jobs] == [None] * len(jobs)
+    assert [job.result.token_ids for job in jobs] == alone
+    assert widest == 3  # rows ran together, and the fourth waited for a row to free
+    starts = sorted(job.started for job in jobs)
+    assert any(job.started > starts[0] and job.started < jobs[0].started + jobs[0].result.stats["seconds"]
+               for job in jobs[1:])  # some request joined while the first was running
+    for job in jobs:
+        assert job.result.stats["nfe"] == job.result.stats["full_forwards"] + job.result.stats["cached_forwards"]
+
+
+def test_settings_that_cannot_share_a_call_run_as_groups(long_pipe):
+    configs = [GenerationConfig(gen_length=16, block_length=8, steps=16, cache=cache)
+               for cache in ("none", "dual", "none", "dual")]
+    requests = REQUESTS[:4]
+    alone = [long_pipe.generate(Request(p, i), config=c).token_ids for (p, i), c in zip(requests, configs)]
+    scheduler = Scheduler(long_pipe, max_batch=4)
+    jobs = [scheduler.submit(Request(p, i), c) for (p, i), c in zip(requests, configs)]
+    scheduler.start()
+    try:
+        for job in jobs:
+            assert job.wait(60)
+    finally:
+        scheduler.stop()
+    assert [job.result.token_ids for job in jobs] == alone
+    assert {job.result.stats["cached_forwards"] > 0 for job in jobs} == {True, False}
+
+
+def test_cancelled_row_is_freed_within_a_step(long_pipe):
+    metrics = ServerMetrics()
+    scheduler = Scheduler(long_pipe, max_batch=1, metrics=metrics).start()
+    progressed = threading.Event()
+    try:
+        long_job = scheduler.submit(Request("Hi"), GenerationConfig(gen_length=256, block_length=8, steps=256),
+                                    lambda e: progressed.set())
+        waiting = scheduler.submit(Request("Hello"), GenerationConfig(gen_length=8, block_length=8, steps=8))
+        assert progressed.wait(30)
+        assert scheduler.queue_depth == 1  # the one row is taken
+        long_job.cancel()
+        assert waiting.wait(30) and waiting.result is not None
+        assert long_job.finished and long_job.result is None and long_job.error is None
+    finally:
+        scheduler.stop()
+    assert metrics.requests.labels("cancelled")._value.get() == 1
+    assert metrics.requests.labels("completed")._value.get() == 1
+
+
+def test_full_queue_and_stopped_scheduler_refuse(long_pipe):
+    scheduler = Scheduler(long_pipe, max_batch=1, max_queue=2)  # not started: nothing leaves the queue
+    cfg = GenerationConfig(gen_length=8, block_length=8, steps=8)
+    scheduler.submit(Request("a"), cfg)
+    scheduler.submit(Request("b"), cfg)
+    with pytest.raises(QueueFullError, match="max_queue 2"):
+        scheduler.submit(Request("c"), cfg)
+    scheduler.start()
+    scheduler.stop()  # finishes what waits
+    with pytest.raises(SchedulerStoppedError):
+        scheduler.submit(Request("d"), cfg)
+    with pytest.raises(ValueError, match="max_batch"):
+        Scheduler(long_pipe, max_batch=0)
+
+
+def test_bad_request_fails_alone(long_pipe):
+    cfg = GenerationConfig(gen_length=8, block_length=8, steps=8)
+    scheduler = Scheduler(long_pipe, max_batch=4)
+    good = scheduler.submit(Request("What is it?", image(5)), cfg)
+    bad_image = scheduler.submit(Request("What is it?", b"not an image"), cfg)
+    too_long = scheduler.submit(Request("Hi"), GenerationConfig(gen_length=4096, block_length=4096, steps=4096))
+    scheduler.start()
+    try:
+        for job in (good, bad_image, too_long):
+            assert job.wait(60)
+    finally:
+        scheduler.stop()
+    assert good.result.token_ids == long_pipe.generate("What is it?", image(5), config=cfg).token_ids
+    assert isinstance(bad_image.error, ValueError) and "not a readable image" in str(bad_image.error)
+    assert "exceeds the maximum sequence length" in str(too_long.error)
+
+
+def test_stop_finishes_running_requests(long_pipe):
+    scheduler = Scheduler(long_pipe, max_batch=2).start()
+    cfg = GenerationConfig(gen_length=32, block_length=8, steps=32)
+    jobs = [scheduler.submit(Request(p), cfg) for p in ("one", "two", "three")]
+    scheduler.stop()
+    assert [len(job.result.token_ids) for job in jobs] == [32, 32, 32]
+
+
+def test_max_tokens_cuts_the_answer(long_pipe):
+    cfg = GenerationConfig(gen_length=16, block_length=8, steps=16)
+    scheduler = Scheduler(long_pipe).start()
+    job = scheduler.submit(Request("Hi"), cfg, max_tokens=11)
+    job.wait(60)
+    scheduler.stop()
+    full = long_pipe.generate("Hi", config=cfg)
+    assert job.result.token_ids == full.token_ids[:11]
+    assert job.result.stats["finish_reason"] == "length"
+
+
+# ---- the image-embedding cache --------------------------------------------------------------------------------
+
+def test_image_cache_is_exact_and_skips_the_vision_tower(tmp_path):
+    path = tmp_path / "a.png"
+    Image.fromarray(image(7)).save(path)
+    cfg = GenerationConfig(gen_length=8, block_length=8, steps=8, cache="dual")
+    with Pipeline.load(llada_v.SHIPPED_MODEL_DIR, backend="torch") as plain, \
+            Pipeline.load(llada_v.SHIPPED_MODEL_DIR, backend="torch", image_cache_mb=1) as cached:
+        expected = [plain.generate(q, image=im, config=cfg) for q, im in
+                    [("What colour is it?", path), ("What shape?", path.read_bytes()), ("Both <image> <image>", [path, image(8)])]]
+        first = cached.generate("What colour is it?", image=path, config=cfg)
+        assert cached.image_cache.misses == 1 and first.stats["stage_seconds"]["vision"] > 0
+        again = cached.generate("What shape?", image=path.read_bytes(), config=cfg)  # same pixels, other form
+        assert cached.image_cache.hits == 1 and again.stats["stage_seconds"]["vision"] == 0
+        pair = cached.generate("Both <image> <image>", image=[path, image(8)], config=cfg)  # padded views: new keys
+        assert cached.image_cache.misses == 3
+        assert [r.token_ids for r in (first, again, pair)] == [r.token_ids for r in expected]
+
+
+def test_image_cache_budget_and_keys():
+    cache = ImageEmbeddingCache(max_bytes=1000)
+    red, blue = Image.new("RGB", (8, 8), "red"), Image.new("RGB", (8, 8), "blue")
+    assert cache.key(red, "anyres") != cache.key(blue, "anyres") != cache.key(blue, "pad")
+    palette_a = Image.new("P", (4, 4), 0)
+    palette_b = palette_a.copy()
+    palette_b.putpalette([255, 0, 0] * 256)
+    assert cache.key(palette_a, "anyres") != cache.key(palette_b, "anyres")
+    import torch
+
+    cache.put(b"a", torch.zeros(100))  # 400 bytes
+    cache.put(b"b", torch.zeros(100))
+    assert cache.get(b"a") is not None  # a is now the most recent
+    cache.put(b"c", torch.zeros(100))  # over 1000 bytes: b, the least recent, goes
+    assert cache.get(b"b") is None and cache.get(b"a") is not None and cache.get(b"c") is not None
+    cache.put(b"huge", torch.zeros(1000))  # larger than the budget: not kept, nothing evicted
+    assert cache.get(b"huge") is None and len(cache) == 2 and cache.bytes_used == 800
+    with pytest.raises(ValueError, match="budget"):
+        ImageEmbeddingCache(-1)
