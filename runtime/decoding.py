@@ -114,11 +114,14 @@ class Decoder:
     """Iterating runs the steps; after each one it yields every row's answer ids (masks included).
 
     seeds: one per row (default: every row cfg.seed); the settings other than the seed are the batch's.
+    full_pass_per_row: run full passes one row at a time (default: runner.full_pass_per_row).
     """
 
     def __init__(self, runner: Runner, batch: Batch, cfg: GenerationConfig, special: SpecialTokens,
-                 banned_ids: torch.Tensor, timer: "StageTimer", seeds: list[int] | None = None):
+                 banned_ids: torch.Tensor, timer: "StageTimer", seeds: list[int] | None = None,
+                 full_pass_per_row: bool | None = None):
         self.runner, self.batch, self.cfg, self.special, self.timer = runner, batch, cfg, special, timer
+        self.full_pass_per_row = runner.full_pass_per_row if full_pass_per_row is None else full_pass_per_row
         self.cache = None
         if cfg.cache != "none":
             self.cache = KVCache(cfg.cache, cfg.refresh_interval, self._cache_shape(batch), runner.dtype,
@@ -191,18 +194,32 @@ class Decoder:
                 row.schedule = transfer_schedule(masked, self.cfg.steps_per_block)
         self.batch.embed_answers(self.runner)
         refresh = [r for r in active if self.cache is None or self.cache.should_refresh(self.rows[r].step)]
-        pieces = [self._full_forward(refresh)] if refresh else []
+        pieces = self._full_forward(refresh) if refresh else []
         reuse = sorted((r for r in active if r not in refresh), key=lambda r: self.rows[r].block)
-        pieces += [self._cached_forward(block, list(group))
-                   for block, group in groupby(reuse, key=lambda r: self.rows[r].block)]
+        for block, group in groupby(reuse, key=lambda r: self.rows[r].block):
+            group = list(group)
+            # Gathering some rows of the cache copies all of theirs; when the rows that refreshed complete the
+            # batch, the call takes every row instead and drops their logits: their query slots, which it
+            # may write, are hidden until their next refresh rewrites them.
+            if len(group) + len(refresh) == self.batch.size and all(self.rows[r].block == block for r in refresh):
+                pieces.append(self._cached_forward(block, list(range(self.batch.size)), keep=group))
+            else:
+                pieces.append(self._cached_forward(block, group))
         self._commit(pieces)
         self.counts["steps"] += 1
 
     def _block_start(self, block: int) -> int:
         return self.batch.gen_start + block * self.cfg.block_length
 
-    def _full_forward(self, rows: list[int]) -> tuple[list[int], torch.Tensor]:
-        """The whole sequence; logits for each row's current block; its K/V refresh the cache."""
+    def _full_forward(self, rows: list[int]) -> list[tuple[list[int], torch.Tensor]]:
+        """The whole sequence; logits for each row's current block; its K/V refresh the cache. One call over
+        the rows, or one per row over its own unpadded span (runner.full_pass_per_row), which is how the row
+        runs alone."""
+        if not self.full_pass_per_row or len(rows) == 1 and self.batch.size == 1:
+            return [self._full_forward_batched(rows)]
+        return [self._full_forward_row(r) for r in rows]
+
+    def _full_forward_batched(self, rows: list[int]) -> tuple[list[int], torch.Tensor]:
         starts = torch.tensor([self._block_start(self.rows[r].block) for r in rows], device=self.runner.device)
         index = self.batch.rows_index(rows)
         # When every row refreshes, the runner writes the presents straight into the cache's buffers.
@@ -213,13 +230,25 @@ class Decoder:
                                                             *buffers)
             if self.cache is not None and not in_place:
                 self.cache.update(keys, values, index)
-        self.counts["full_forwards"] += 1
-        for r in rows:
-            self.rows[r].full_forwards += 1
+        self._count_call("full_forwards", rows)
         return rows, logits
 
-    def _cached_forward(self, block: int, rows: list[int]) -> tuple[list[int], torch.Tensor]:
-        """The block (dual) or the block and what follows (prefix) against the cache; logits for the block."""
+    def _full_forward_row(self, r: int) -> tuple[list[int], torch.Tensor]:
+        first = self.batch.gen_start - self.batch.prompt_lengths[r]  # the row's first real slot
+        span = slice(r, r + 1), slice(first, None)
+        logits_index = (self._block_start(self.rows[r].block) - first + self.offsets)[None]
+        with self.timer("full_forward"):
+            logits, keys, values = self.runner.denoise_full(self.batch.embeds[span], self.batch.position_ids[span],
+                                                            self.batch.attention_mask[span], logits_index)
+            if self.cache is not None:
+                self.cache.keys[:, r, :, first:] = keys[:, 0]
+                self.cache.values[:, r, :, first:] = values[:, 0]
+        self._count_call("full_forwards", [r])
+        return [r], logits
+
+    def _cached_forward(self, block: int, rows: list[int], keep: list[int] | None = None):
+        """The block (dual) or the block and what follows (prefix) against the cache; logits for the block of
+        `keep` (default: every row in `rows`)."""
         start = self._block_start(block)
         end = self.cache.query_end(start + self.cfg.block_length)
         embeds, positions, mask = self.batch.select(rows)
@@ -229,10 +258,16 @@ class Decoder:
                 embeds[:, start:end], positions[:, start:end], mask[:, start:end],
                 self.offsets.expand(len(rows), -1), past_keys, past_values, self.cache.past_mask(mask, start, end),
                 start)
-        self.counts["cached_forwards"] += 1
-        for r in rows:
-            self.rows[r].cached_forwards += 1
+        if keep is not None:
+            logits = logits[torch.tensor([rows.index(r) for r in keep], device=logits.device)]
+            rows = keep
+        self._count_call("cached_forwards", rows)
         return rows, logits
+
+    def _count_call(self, kind: str, rows: list[int]) -> None:
+        self.counts[kind] += 1
+        for r in rows:
+            setattr(self.rows[r], kind, getattr(self.rows[r], kind) + 1)
 
     def _commit(self, pieces: list[tuple[list[int], torch.Tensor]]) -> None:
         rows = [r for group, _ in pieces for r in group]

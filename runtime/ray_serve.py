@@ -10,6 +10,8 @@ for one CPU. Replicas load before they take traffic (the app's startup waits for
 from __future__ import annotations
 
 import dataclasses
+import signal
+import time
 
 from .server import ServerSettings, create_app
 
@@ -37,11 +39,24 @@ def deployment(settings: ServerSettings, replicas: int):
 
 
 def serve_on_ray(settings: ServerSettings, replicas: int, host: str, port: int) -> None:
-    """Start Ray (local) and Serve on host:port, deploy, and block until interrupted."""
+    """Start a local Ray, Serve on host:port and the deployment; block until Ctrl-C or SIGTERM, then take it
+    all down (replicas, proxy and the Ray processes this started)."""
     app = deployment(settings, replicas)
     import ray
     from ray import serve
 
-    ray.init(ignore_reinit_error=True)
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(app, name="llada_v", route_prefix="/", blocking=True)
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    ray.init(include_dashboard=False)
+    signal.signal(signal.SIGTERM, stop)  # after ray.init, which installs a handler of its own that aborts
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(app, name="llada_v", route_prefix="/")
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
