@@ -64,6 +64,17 @@ class Batch:
         """Row `row`'s prompt embeddings [Lp, C], without its left padding."""
         return self.embeds[row, self.gen_start - self.prompt_lengths[row]:self.gen_start]
 
+    def place(self, row: int, prompt: torch.Tensor, mask_id: int) -> None:
+        """Row `row` becomes a new row for `prompt` (which fits in front of gen_start), all masks."""
+        first = self.gen_start - len(prompt)
+        self.embeds[row].zero_()
+        self.embeds[row, first:self.gen_start] = prompt
+        self.attention_mask[row] = 0
+        self.attention_mask[row, first:] = 1
+        self.position_ids[row] = (self.attention_mask[row].cumsum(0) - 1).clamp(min=0)
+        self.tokens[row] = mask_id
+        self.prompt_lengths[row] = len(prompt)
+
     def regrouped(self, keep: list[int], prompts: list[torch.Tensor], mask_id: int, runner: Runner) -> "Batch":
         """Rows `keep` of this batch (their answers so far) followed by new rows for `prompts`, left-padded anew."""
         batch = Batch.left_padded([self.prompt(r) for r in keep] + prompts, self.tokens.shape[1], mask_id, runner)
@@ -93,6 +104,7 @@ class RowState:
     step: int = 0
     schedule: list[int] | None = None  # None until the block starts
     done: bool = False
+    free: bool = False  # retired: the place waits for a new row
     full_forwards: int = 0  # denoiser calls this row took part in
     cached_forwards: int = 0
 
@@ -130,6 +142,7 @@ class Decoder:
         self.generators = [torch.Generator(runner.device).manual_seed(seed) for seed in seeds]
         self.remasker = Remasker(cfg, banned_ids)
         self.rows = [RowState() for _ in range(batch.size)]
+        self.tags: list = [None] * batch.size  # per row, what it stands for (None: a free place, or unused)
         self.counts = {"full_forwards": 0, "cached_forwards": 0, "steps": 0}
         self.offsets = torch.arange(cfg.block_length, device=runner.device)
         self.answers = batch.tokens.tolist()
@@ -149,24 +162,41 @@ class Decoder:
             self._step(active)
         return True
 
-    def admit(self, prompts: list[torch.Tensor], seeds: list[int]) -> None:
-        """New rows at the end, starting at their first step (which is a full forward: it fills their cache)."""
-        self._regroup(list(range(self.batch.size)), prompts)
-        self.generators += [torch.Generator(self.runner.device).manual_seed(seed) for seed in seeds]
-        self.rows += [RowState() for _ in prompts]
+    def admit(self, prompts: list[torch.Tensor], seeds: list[int], tags: list | None = None) -> None:
+        """New rows, starting at their first step (a full forward, which fills their cache). A new row takes
+        a retired row's place when its prompt fits in front of the answers, and nothing else moves;
+        otherwise the batch is left-padded anew to its longest prompt (and loses its free places).
+        tags: what each new row stands for (Decoder.tags), e.g. the scheduler's job."""
+        tags = [None] * len(prompts) if tags is None else tags
+        free = [r for r, row in enumerate(self.rows) if row.free]
+        rest = []
+        for prompt, seed, tag in zip(prompts, seeds, tags):
+            if not free or len(prompt) > self.batch.gen_start:
+                rest.append((prompt, seed, tag))
+                continue
+            r = free.pop(0)
+            self.batch.place(r, prompt, self.special.mask)
+            if self.cache is not None:
+                self.cache.keys[:, r].zero_()
+                self.cache.values[:, r].zero_()
+            self.generators[r] = torch.Generator(self.runner.device).manual_seed(seed)
+            self.rows[r], self.tags[r] = RowState(), tag
+        if rest:
+            self._regroup([r for r, row in enumerate(self.rows) if not row.free], *map(list, zip(*rest)))
+        self.answers = self.batch.tokens.tolist()
 
     def retire(self, rows: list[int]) -> None:
-        """Drop `rows` (finished or abandoned; at least one row stays); the others keep their order and the
-        batch shrinks to them."""
-        leaving = set(rows)
-        keep = [r for r in range(self.batch.size) if r not in leaving]
-        if not keep:
-            raise ValueError("retire leaves no row: drop the decoder instead")
-        self._regroup(keep, [])
-        self.generators = [self.generators[r] for r in keep]
-        self.rows = [self.rows[r] for r in keep]
+        """Free `rows` (finished or abandoned): they take no part in any step, and their places go to new rows;
+        when more than half the places are free, the batch shrinks to the others (in their order)."""
+        for r in rows:
+            self.rows[r], self.tags[r] = RowState(done=True, free=True), None
+        keep = [r for r, row in enumerate(self.rows) if not row.free]
+        if keep and len(keep) * 2 < self.batch.size:
+            self._regroup(keep, [], [], [])
+            self.answers = self.batch.tokens.tolist()
 
-    def _regroup(self, keep: list[int], prompts: list[torch.Tensor]) -> None:
+    def _regroup(self, keep: list[int], prompts: list[torch.Tensor], seeds: list[int], tags: list) -> None:
+        """Rows `keep`, then new rows for `prompts`, left-padded anew (the batch, the cache and each row's state)."""
         old = self.batch
         self.batch = old.regrouped(keep, prompts, self.special.mask, self.runner)
         if self.cache is not None:
@@ -179,7 +209,10 @@ class Decoder:
             index = torch.tensor(keep, dtype=torch.int64, device=keys.device)
             for new, previous in ((self.cache.keys, keys), (self.cache.values, values)):
                 new[:, :len(keep), :, -span:] = previous.index_select(1, index)[:, :, :, -span:]
-        self.answers = self.batch.tokens.tolist()
+        self.generators = [self.generators[r] for r in keep] + \
+            [torch.Generator(self.runner.device).manual_seed(seed) for seed in seeds]
+        self.rows = [self.rows[r] for r in keep] + [RowState() for _ in prompts]
+        self.tags = [self.tags[r] for r in keep] + list(tags)
 
     def _cache_shape(self, batch: Batch) -> tuple[int, int, int, int, int]:
         lm = self.runner.config.language
@@ -198,10 +231,11 @@ class Decoder:
         reuse = sorted((r for r in active if r not in refresh), key=lambda r: self.rows[r].block)
         for block, group in groupby(reuse, key=lambda r: self.rows[r].block):
             group = list(group)
-            # Gathering some rows of the cache copies all of theirs; when the rows that refreshed complete the
-            # batch, the call takes every row instead and drops their logits: their query slots, which it
-            # may write, are hidden until their next refresh rewrites them.
-            if len(group) + len(refresh) == self.batch.size and all(self.rows[r].block == block for r in refresh):
+            # Gathering some rows of the cache copies all of theirs. When every active row is in this block
+            # (the others refreshed, or rest: done, or free places), the call takes every row instead and
+            # keeps the group's logits: the slots it may write are the block's, which the rows that
+            # refreshed never read before their next refresh rewrites them.
+            if all(self.rows[r].block == block for r in active):
                 pieces.append(self._cached_forward(block, list(range(self.batch.size)), keep=group))
             else:
                 pieces.append(self._cached_forward(block, group))

@@ -90,21 +90,13 @@ class Job:
             log.exception("a job's event listener failed")
 
 
-@dataclass
-class Group:
-    """The running rows of one setting: their Decoder and, row for row, their jobs."""
-
-    decoder: Decoder
-    jobs: list[Job]
-
-
 class Scheduler:
     def __init__(self, pipeline: Pipeline, max_batch: int = 8, max_queue: int = 64, metrics=None):
         for name, value in (("max_batch", max_batch), ("max_queue", max_queue)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         self.pipeline, self.max_batch, self.max_queue, self.metrics = pipeline, max_batch, max_queue, metrics
-        self.groups: dict[GenerationConfig, Group] = {}
+        self.groups: dict[GenerationConfig, Decoder] = {}  # per setting, its rows (Decoder.tags: their jobs)
         self._waiting: deque[Job] = deque()
         self._wake = threading.Condition()
         self._stopping = False
@@ -152,7 +144,7 @@ class Scheduler:
 
     @property
     def running_rows(self) -> int:
-        return sum(len(g.jobs) for g in self.groups.values())
+        return sum(len(jobs(decoder)) for decoder in self.groups.values())
 
     @property
     def queue_depth(self) -> int:
@@ -174,14 +166,14 @@ class Scheduler:
                     self._step(key)
             except Exception as err:  # a fault of the engines: every running request fails, the worker goes on
                 log.exception("a denoising step failed")
-                for group in self.groups.values():
-                    for job in group.jobs:
+                for decoder in self.groups.values():
+                    for _, job in jobs(decoder):
                         job._report(Event("error", error=err))
                 self.groups.clear()
             self._observe_batch()
         stopped = SchedulerStoppedError("the server stopped before this request finished")
         with self._wake:
-            left = [job for g in self.groups.values() for job in g.jobs] + list(self._waiting)
+            left = [job for decoder in self.groups.values() for _, job in jobs(decoder)] + list(self._waiting)
             self.groups.clear()
             self._waiting.clear()
         for job in left:
@@ -218,15 +210,14 @@ class Scheduler:
         for key, members in joining.items():
             new_jobs, new_prompts = [j for j, _ in members], [p for _, p in members]
             seeds = [j.config.seed for j in new_jobs]
-            group = self.groups.get(key)
-            if group is None:
+            if key in self.groups:
+                self.groups[key].admit(new_prompts, seeds, new_jobs)
+            else:
                 batch = Batch.left_padded(new_prompts, key.gen_length, pipeline.special.mask, pipeline.runner)
                 decoder = Decoder(pipeline.runner, batch, key, pipeline.special, pipeline.banned_ids,
                                   StageTimer(pipeline.runner.device), seeds)
-                self.groups[key] = Group(decoder, new_jobs)
-            else:
-                group.decoder.admit(new_prompts, seeds)
-                group.jobs += new_jobs
+                decoder.tags = list(new_jobs)
+                self.groups[key] = decoder
             if self.metrics is not None:
                 self.metrics.admitted([now - j.submitted for j in new_jobs])
 
@@ -257,14 +248,14 @@ class Scheduler:
         return checked
 
     def _step(self, key: GenerationConfig) -> None:
-        group = self.groups[key]
-        cancelled = [r for r, job in enumerate(group.jobs) if job.cancelled]
+        decoder = self.groups[key]
+        cancelled = [r for r, job in jobs(decoder) if job.cancelled]
         for r in cancelled:
-            group.jobs[r]._done.set()
+            decoder.tags[r]._done.set()
         self._retire(key, cancelled, "cancelled")
         if key not in self.groups:
             return
-        decoder, mask = group.decoder, self.pipeline.special.mask
+        mask = self.pipeline.special.mask
         before, masked = dict(decoder.counts), sum(a.count(mask) for a in decoder.answers)
         start = time.perf_counter()
         decoder.step()
@@ -273,7 +264,7 @@ class Scheduler:
             committed = masked - sum(a.count(mask) for a in decoder.answers)
             self.metrics.stepped(time.perf_counter() - start, calls, committed)
         finished = []
-        for r, job in enumerate(group.jobs):
+        for r, job in jobs(decoder):
             if decoder.rows[r].done:
                 job._report(Event("done", result=self._result(job, decoder, r)))
                 finished.append(r)
@@ -284,13 +275,10 @@ class Scheduler:
     def _retire(self, key: GenerationConfig, rows: list[int], outcome: str) -> None:
         if not rows:
             return
-        group = self.groups[key]
-        if len(rows) == len(group.jobs):
+        decoder = self.groups[key]
+        decoder.retire(rows)
+        if not jobs(decoder):
             del self.groups[key]
-        else:
-            group.decoder.retire(rows)
-            leaving = set(rows)
-            group.jobs = [job for r, job in enumerate(group.jobs) if r not in leaving]
         for _ in rows:
             self._count(outcome)
 
@@ -335,3 +323,7 @@ class Scheduler:
         if self.metrics is not None:
             self.metrics.batch_rows.set(self.running_rows)
 
+
+def jobs(decoder: Decoder) -> list[tuple[int, Job]]:
+    """The decoder's rows that hold a job, with their row index."""
+    return [(r, job) for r, job in enumerate(decoder.tags) if job is not None]

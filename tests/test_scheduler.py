@@ -86,6 +86,37 @@ def test_full_passes_per_row_equal_the_batched_full_pass(long_pipe, cache):
     assert calls[1] == calls[0] * len(requests)  # one call per row instead of one per step
 
 
+LONGEST = "Tell me everything about this picture: every shape, its colour and its place, at length, please."
+
+
+@pytest.mark.parametrize("cache", ["none", "dual"])
+def test_a_new_row_takes_a_free_place_or_the_batch_is_padded_anew(long_pipe, cache):
+    cfg = GenerationConfig(gen_length=16, block_length=8, steps=16, cache=cache, refresh_interval=3)
+    timer = StageTimer(long_pipe.runner.device)
+    long_a, long_b, short, longest = long_pipe.embed_prompts(
+        [Request("What is it?", image(0)), Request("And this?", image(1)), Request("Hi"),
+         Request(LONGEST, image(2, (64, 200)))], timer)
+    assert len(short) < len(long_a) < len(longest)
+    batch = Batch.left_padded([long_a, long_b], cfg.gen_length, long_pipe.special.mask, long_pipe.runner)
+    decoder = Decoder(long_pipe.runner, batch, cfg, long_pipe.special, long_pipe.banned_ids, timer)
+    decoder.tags = ["a", "b"]
+    for _ in range(3):
+        decoder.step()
+    decoder.retire([0])
+    decoder.admit([short], [0], ["short"])  # fits in front of the answers: takes row 0's place
+    assert decoder.tags == ["short", "b"] and decoder.batch.size == 2
+    decoder.step()
+    decoder.admit([longest], [0], ["longest"])  # longer than the prompt span: padded anew
+    assert decoder.tags == ["short", "b", "longest"] and decoder.batch.gen_start == len(longest)
+    while decoder.step():
+        pass
+    answers = dict(zip(decoder.tags, decoder.answers))
+    for tag, prompt in (("short", "Hi"), ("b", ("And this?", image(1))),
+                        ("longest", (LONGEST, image(2, (64, 200))))):
+        request = Request(prompt) if isinstance(prompt, str) else Request(*prompt)
+        assert answers[tag] == long_pipe.generate(request, config=cfg).token_ids, tag
+
+
 def test_settings_that_cannot_share_a_call_run_as_groups(long_pipe):
     configs = [GenerationConfig(gen_length=16, block_length=8, steps=16, cache=cache)
                for cache in ("none", "dual", "none", "dual")]
