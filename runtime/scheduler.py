@@ -52,7 +52,7 @@ class Event:
     error: BaseException | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # a job is itself: compared and hashed by identity
 class Job:
     request: Request
     config: GenerationConfig
@@ -133,7 +133,8 @@ class Scheduler:
         with self._wake:
             self._stopping = True
             self._wake.notify()
-        if self._thread is None:
+        if self._thread is None:  # never started: nothing will run what waits
+            self._fail_all_left()
             return
         self._thread.join(timeout)
         if self._thread.is_alive():
@@ -164,20 +165,25 @@ class Scheduler:
                 self._admit(admitted)
                 for key in list(self.groups):
                     self._step(key)
-            except Exception as err:  # a fault of the engines: every running request fails, the worker goes on
+            except Exception as err:  # a fault of the engines: the requests in flight fail, the worker goes on
                 log.exception("a denoising step failed")
-                for decoder in self.groups.values():
-                    for _, job in jobs(decoder):
-                        job._report(Event("error", error=err))
+                running = [job for decoder in self.groups.values() for _, job in jobs(decoder)]
+                self._fail(running + [job for job in admitted if job not in running and not job.finished], err)
                 self.groups.clear()
             self._observe_batch()
-        stopped = SchedulerStoppedError("the server stopped before this request finished")
+        self._fail_all_left()
+
+    def _fail_all_left(self) -> None:
         with self._wake:
             left = [job for decoder in self.groups.values() for _, job in jobs(decoder)] + list(self._waiting)
             self.groups.clear()
             self._waiting.clear()
-        for job in left:
-            job._report(Event("error", error=stopped))
+        self._fail(left, SchedulerStoppedError("the server stopped before this request finished"))
+
+    def _fail(self, failed: list[Job], err: BaseException) -> None:
+        for job in failed:
+            job._report(Event("error", error=err))
+            self._count("failed")
 
     def _take_admissible(self) -> list[Job]:
         admitted = []
@@ -191,15 +197,15 @@ class Scheduler:
         self._observe_queue()
         return admitted
 
-    def _admit(self, jobs: list[Job]) -> None:
+    def _admit(self, admitted: list[Job]) -> None:
         """Prompt embeddings of the new jobs (the images of all of them through one vision call), then each
         joins its group; a job with a bad request fails alone."""
-        if not jobs:
+        if not admitted:
             return
-        prompts = self._embed(jobs)
+        prompts = self._embed(admitted)
         now = time.perf_counter()
         joining: dict[GenerationConfig, list[tuple[Job, torch.Tensor]]] = {}
-        for job, prompt in zip(jobs, prompts):
+        for job, prompt in zip(admitted, prompts):
             if isinstance(prompt, ValueError):
                 job._report(Event("error", error=prompt))
                 self._count("invalid")
@@ -221,22 +227,22 @@ class Scheduler:
             if self.metrics is not None:
                 self.metrics.admitted([now - j.submitted for j in new_jobs])
 
-    def _embed(self, jobs: list[Job]) -> list[torch.Tensor | ValueError]:
+    def _embed(self, admitted: list[Job]) -> list[torch.Tensor | ValueError]:
         """Each job's prompt embeddings, or the ValueError that says what is wrong with its request."""
         pipeline, timer = self.pipeline, StageTimer(self.pipeline.runner.device)
         cache = pipeline.image_cache
         lookups = (cache.hits, cache.misses) if cache is not None else None
         try:
-            prompts = pipeline.embed_prompts([job.request for job in jobs], timer)
+            prompts = pipeline.embed_prompts([job.request for job in admitted], timer)
         except ValueError:  # one of them is bad: find which, each on its own
             prompts = []
-            for job in jobs:
+            for job in admitted:
                 try:
                     prompts += pipeline.embed_prompts([job.request], timer)
                 except ValueError as err:
                     prompts.append(err)
         checked = []
-        for job, prompt in zip(jobs, prompts):
+        for job, prompt in zip(admitted, prompts):
             if not isinstance(prompt, ValueError):
                 try:
                     pipeline.check_length([prompt], job.config)

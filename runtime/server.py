@@ -130,9 +130,10 @@ class APIError(Exception):
     """An error answered as OpenAI's {"error": {"message", "type", "param", "code"}}."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 headers: dict | None = None):
+                 headers: dict | None = None, counted: bool = False):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+        self.counted = counted  # the scheduler has counted this request's outcome already
 
     @property
     def type(self) -> str:
@@ -149,15 +150,20 @@ class APIError(Exception):
 
 
 def job_error(err: BaseException) -> APIError:
+    """The APIError for what a job reported (the scheduler has counted its outcome)."""
     if isinstance(err, ImageTooLargeError):
-        return APIError(413, str(err), "messages", "image_too_large")
-    if isinstance(err, PromptTooLongError):
-        return APIError(400, str(err), "messages", "context_length_exceeded")
-    if isinstance(err, ValueError):
-        return APIError(400, str(err), None, "invalid_request")
-    if isinstance(err, SchedulerStoppedError):
-        return APIError(503, str(err), None, "shutting_down", {"Retry-After": "5"})
-    return APIError(500, f"the engines failed on this request ({type(err).__name__}: {err})", None, "engine_error")
+        error = APIError(413, str(err), "messages", "image_too_large")
+    elif isinstance(err, PromptTooLongError):
+        error = APIError(400, str(err), "messages", "context_length_exceeded")
+    elif isinstance(err, ValueError):
+        error = APIError(400, str(err), None, "invalid_request")
+    elif isinstance(err, SchedulerStoppedError):
+        error = APIError(503, str(err), None, "shutting_down", {"Retry-After": "5"})
+    else:
+        error = APIError(500, f"the engines failed on this request ({type(err).__name__}: {err})", None,
+                         "engine_error")
+    error.counted = True
+    return error
 
 
 # ---- from the body to a Request and a GenerationConfig ----------------------------------------------------
@@ -381,8 +387,8 @@ def create_app(settings: ServerSettings, *, on_load_failure=None, shutdown_timeo
 
     @app.exception_handler(APIError)
     async def api_error(request, err: APIError):
-        if err.status != 503 or err.code != "queue_full":
-            metrics.finished("invalid" if err.status < 500 else "failed")
+        if not err.counted:
+            metrics.finished("rejected" if err.status == 503 else "invalid" if err.status < 500 else "failed")
         return err.response()
 
     @app.exception_handler(RequestValidationError)
@@ -440,10 +446,9 @@ def create_app(settings: ServerSettings, *, on_load_failure=None, shutdown_timeo
             job = scheduler.submit(request, config, lambda e: loop.call_soon_threadsafe(events.put_nowait, e),
                                    max_tokens)
         except QueueFullError as err:
-            metrics.finished("rejected")
             raise APIError(503, str(err), None, "queue_full", {"Retry-After": "1"}) from err
         except SchedulerStoppedError as err:
-            raise job_error(err) from err
+            raise APIError(503, str(err), None, "shutting_down", {"Retry-After": "5"}) from err
         completion = Completion(settings.name, job, events, engine.pipeline.tokenizer)
         try:
             first = await completion.next_event(http)

@@ -242,3 +242,28 @@ def test_image_cache_budget_and_keys():
     assert cache.get(b"huge") is None and len(cache) == 2 and cache.bytes_used == 800
     with pytest.raises(ValueError, match="budget"):
         ImageEmbeddingCache(-1)
+
+
+def test_an_engine_fault_fails_the_requests_in_flight_and_the_worker_goes_on(long_pipe, monkeypatch):
+    cfg = GenerationConfig(gen_length=8, block_length=8, steps=8)
+    runner = long_pipe.runner
+    real = runner.denoise_full
+    faults = iter([RuntimeError("device lost")])
+
+    def failing_once(*args, **kwargs):
+        fault = next(faults, None)
+        if fault is not None:
+            raise fault
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "denoise_full", failing_once)
+    metrics = ServerMetrics()
+    scheduler = Scheduler(long_pipe, metrics=metrics).start()
+    try:
+        first = scheduler.submit(Request("Hi"), cfg)
+        assert first.wait(30) and isinstance(first.error, RuntimeError)
+        second = scheduler.submit(Request("Hi"), cfg)
+        assert second.wait(30) and second.result is not None
+    finally:
+        scheduler.stop()
+    assert metrics.requests.labels("failed")._value.get() == 1
