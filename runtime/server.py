@@ -333,6 +333,26 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+class ReplicaHeader:
+    """Adds `x-llada-replica` (host and process) to every response. Plain ASGI: Starlette's @app.middleware
+    ("http") would hide a client's disconnect from the endpoint, which must free the client's row."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        header = (b"x-llada-replica", REPLICA_ID.encode())
+
+        async def send_with_header(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), header]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_header)
+
+
 class Engine:
     """The loaded Pipeline and its Scheduler, or why they are not (yet) there."""
 
@@ -384,6 +404,7 @@ def create_app(settings: ServerSettings, *, on_load_failure=None, shutdown_timeo
     app = FastAPI(title="LLaDA-V", lifespan=lifespan)
     app.state.engine = engine
     app.add_middleware(BodyLimit, max_bytes=int(settings.max_body_mb * 2**20))
+    app.add_middleware(ReplicaHeader)
 
     @app.exception_handler(APIError)
     async def api_error(request, err: APIError):
@@ -405,12 +426,6 @@ def create_app(settings: ServerSettings, *, on_load_failure=None, shutdown_timeo
     @app.exception_handler(HTTPException)
     async def http_error(request, err: HTTPException):
         return APIError(err.status_code, str(err.detail), None, None).response()
-
-    @app.middleware("http")
-    async def replica_header(request, call_next):
-        response = await call_next(request)
-        response.headers["x-llada-replica"] = REPLICA_ID
-        return response
 
     @app.get("/health")
     async def health():

@@ -283,6 +283,14 @@ def test_full_queue_503_and_cancelled_stream_frees_its_row(no_eot_model_dir):
         server.stop()
 
 
+def test_a_plain_request_whose_client_leaves_frees_its_row(long_server):
+    cancelled = metric(long_server.url, "llada_requests_total", outcome="cancelled")
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        httpx.post(f"{long_server.url}/v1/chat/completions", json=LONG, timeout=httpx.Timeout(60, read=2))
+    wait_until(lambda: metric(long_server.url, "llada_requests_total", outcome="cancelled") == cancelled + 1)
+    wait_until(lambda: metric(long_server.url, "llada_batch_rows") == 0)
+
+
 def test_sigterm_finishes_running_requests_then_exits(no_eot_model_dir):
     server = ServerProcess("--engines", str(no_eot_model_dir), "--backend", "torch")
     with httpx.stream("POST", f"{server.url}/v1/chat/completions",
