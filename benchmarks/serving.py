@@ -120,9 +120,10 @@ def print_table(levels: list[dict], max_batch: int) -> None:
         for server, name in (("batched", f"--max-batch {max_batch}"), ("single", "--max-batch 1")):
             row = level[server]
             speedup = row["tokens_per_second"] / level["single"]["tokens_per_second"]
+            ttft = "-" if row["ttft_p50"] is None else f"{row['ttft_p50']:.2f}"  # no answer had any text
             print(f"| {level['concurrency']} | {name} | {row['requests_per_second']:.2f} | "
                   f"{row['tokens_per_second']:.1f} | {row['latency_p50']:.2f} | {row['latency_p95']:.2f} | "
-                  f"{row['ttft_p50']:.2f} | {speedup:.2f}x | {level['identical_answers']}/{level['requests']} |")
+                  f"{ttft} | {speedup:.2f}x | {level['identical_answers']}/{level['requests']} |")
 
 
 def parse_args(argv):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from benchmarks import engines as engines_bench
-from benchmarks import refresh_interval
+from benchmarks import refresh_interval, serving
 from benchmarks.bench_model import IMAGE_SIZE, bench_config, write_checkpoint
 from llada_v import SHIPPED_MODEL_DIR, SpecialTokens, load_model, load_tokenizer
 from llada_v.image_processing import preprocess
@@ -61,3 +61,18 @@ def test_bench_model_prompt_is_dominated_by_image_tokens(tmp_path):
     eot = SpecialTokens.from_tokenizer(load_tokenizer(tmp_path / "ckpt")).eot
     assert model.denoiser.lm_head.weight[eot].abs().sum() == 0
 
+
+def test_serving_benchmark_measures_both_servers_with_the_same_load(engines_dir, tmp_path, capsys):
+    out = tmp_path / "serving"
+    assert serving.main(["--engines", str(engines_dir), "--concurrency", "1", "3", "--requests", "3",
+                         "--max-batch", "3", "--gen-length", "8", "--block-length", "8", "--out", str(out)]) == 0
+    report = json.loads((out / "serving.json").read_text())
+    assert [level["concurrency"] for level in report["levels"]] == [1, 3]
+    for level in report["levels"]:
+        assert level["identical_answers"] == level["requests"] == 3
+        for server in ("batched", "single"):
+            row = level[server]
+            assert row["tokens_per_second"] > 0 and row["latency_p95"] >= row["latency_p50"] > 0
+            assert len(row["answers"]) == 3
+    assert (out / "serving.png").stat().st_size > 1000
+    assert "--max-batch 3" in capsys.readouterr().out
