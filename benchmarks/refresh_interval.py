@@ -2,6 +2,11 @@
 same requests, interleaved so that machine drift hits all rows alike.
 
     python -m benchmarks.refresh_interval --engines DIR [--cache prefix dual] [--intervals 2 4 8 16 32 48]
+        [--thresholds 0.7 0.8 0.9 0.95]
+
+Each threshold adds two rows of Fast-dLLM's parallel decoding (commit every position more confident than
+the threshold): uncached, and with the dual cache at the largest interval. On a random model (the benchmark
+model) no position is ever that confident, so those rows take one step per token like the others.
 
 Per row: median seconds per request, tokens/s, denoiser calls (full and cached), speedup over the
 baseline of the same run, agreement with the baseline's answer (share of identical tokens), the time
@@ -28,10 +33,14 @@ from benchmarks.common import Request, load_pipeline, load_requests, machine_inf
 class Row:
     cache: str
     refresh_interval: int | None
+    threshold: float | None = None
 
     @property
     def label(self) -> str:
-        return "baseline (no cache)" if self.cache == "none" else f"{self.cache} r={self.refresh_interval}"
+        decoding = "" if self.threshold is None else f"threshold {self.threshold:g}"
+        if self.cache == "none":
+            return decoding or "baseline (no cache)"
+        return f"{self.cache} r={self.refresh_interval}" + (f" {decoding}" if decoding else "")
 
 
 @dataclass
@@ -57,7 +66,7 @@ def summarize(row: Row, runs: RowRuns, baseline: RowRuns, requests: list[Request
     seconds = statistics.median(runs.seconds)
     total_seconds = sum(runs.seconds)
     summary = {
-        "row": row.label, "cache": row.cache, "refresh_interval": row.refresh_interval,
+        "row": row.label, "cache": row.cache, "refresh_interval": row.refresh_interval, "threshold": row.threshold,
         "median_seconds": seconds,
         "tokens_per_second": sum(runs.tokens) / total_seconds,
         "full_forwards": statistics.mean(runs.full_forwards),
@@ -72,11 +81,11 @@ def summarize(row: Row, runs: RowRuns, baseline: RowRuns, requests: list[Request
 
 
 def print_table(summaries: list[dict]) -> None:
-    header = f"{'row':<22}{'s/request':>10}{'tok/s':>9}{'speedup':>9}{'full':>6}{'cached':>8}{'agree':>7}{'outside':>9}"
+    header = f"{'row':<28}{'s/request':>10}{'tok/s':>9}{'speedup':>9}{'full':>6}{'cached':>8}{'agree':>7}{'outside':>9}"
     has_accuracy = "accuracy" in summaries[0]
     print(header + ("   accuracy" if has_accuracy else ""))
     for s in summaries:
-        line = (f"{s['row']:<22}{s['median_seconds']:>10.3f}{s['tokens_per_second']:>9.1f}{s['speedup']:>8.2f}x"
+        line = (f"{s['row']:<28}{s['median_seconds']:>10.3f}{s['tokens_per_second']:>9.1f}{s['speedup']:>8.2f}x"
                 f"{s['full_forwards']:>6.1f}{s['cached_forwards']:>8.1f}{s['agreement']:>7.1%}{s['outside_engines_share']:>9.1%}")
         print(line + (f"{s['accuracy']:>11.1%}" if has_accuracy else ""))
 
@@ -92,7 +101,7 @@ def plot(summaries: list[dict], path: Path, title: str) -> None:
     fig, speed_axis = plt.subplots(figsize=(7, 4.2))
     quality_axis = speed_axis.twinx()
     for cache, marker in (("prefix", "o"), ("dual", "s")):
-        rows = [s for s in summaries if s["cache"] == cache]
+        rows = [s for s in summaries if s["cache"] == cache and s["threshold"] is None]
         if not rows:
             continue
         intervals = [s["refresh_interval"] for s in rows]
@@ -100,6 +109,10 @@ def plot(summaries: list[dict], path: Path, title: str) -> None:
         quality_axis.plot(intervals, [100 * s[quality] for s in rows], marker=marker, linestyle="--", alpha=0.6,
                           label=f"{cache}: {quality}")
     speed_axis.axhline(baseline["tokens_per_second"], color="grey", linestyle=":", label="no cache: tokens/s")
+    for s in summaries:
+        if s["threshold"] is not None:  # one point each, at the interval it uses (uncached: the first step)
+            x = s["refresh_interval"] or 1
+            speed_axis.scatter([x], [s["tokens_per_second"]], marker="^", label=f"{s['row']}: tokens/s")
     speed_axis.set_xscale("log", base=2)
     speed_axis.set_xlabel("refresh interval (steps)")
     speed_axis.set_ylabel("tokens / second")
@@ -123,13 +136,16 @@ def parse_args(argv):
     parser.add_argument("--gen-length", type=int, default=128)
     parser.add_argument("--block-length", type=int, default=32)
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: gen-length)")
-    parser.add_argument("--threshold", type=float, default=None, help="parallel decoding confidence threshold")
+    parser.add_argument("--thresholds", nargs="*", type=float, default=[],
+                        help="parallel decoding rows: each threshold uncached and with the dual cache")
     parser.add_argument("--requests", type=int, default=4, help="requests timed per row")
     parser.add_argument("--warmup", type=int, default=1, help="untimed requests per row first")
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     args = parser.parse_args(argv)
     if any(i < 1 for i in args.intervals):
         parser.error("--intervals must be >= 1")
+    if any(not 0 < t <= 1 for t in args.thresholds):
+        parser.error("--thresholds must be in (0, 1]")
     if args.requests < 1 or args.warmup < 0:
         parser.error("--requests must be >= 1 and --warmup >= 0")
     return args
@@ -142,10 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         pipe = load_pipeline(args.engines, args.backend)
         settings = dict(gen_length=args.gen_length, block_length=args.block_length,
-                        steps=args.steps or args.gen_length, threshold=args.threshold)
+                        steps=args.steps or args.gen_length)
         rows = [Row("none", None)] + [Row(c, r) for c in args.cache for r in args.intervals]
-        configs = {row: GenerationConfig(**settings, cache=row.cache, refresh_interval=row.refresh_interval or 1)
-                   for row in rows}
+        rows += [row for t in args.thresholds for row in (Row("none", None, t), Row("dual", max(args.intervals), t))]
+        configs = {row: GenerationConfig(**settings, cache=row.cache, refresh_interval=row.refresh_interval or 1,
+                                         threshold=row.threshold) for row in rows}
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -31,6 +31,21 @@ def test_refresh_interval_writes_table_json_and_plot(engines_dir, tmp_path, caps
     assert "baseline (no cache)" in capsys.readouterr().out
 
 
+def test_refresh_interval_threshold_rows(engines_dir, tmp_path):
+    out = tmp_path / "out"
+    assert refresh_interval.main(["--engines", str(engines_dir), "--cache", "dual", "--intervals", "2",
+                                  "--thresholds", "0.5", "--out", str(out), "--gen-length", "16", "--block-length",
+                                  "16", "--requests", "2", "--warmup", "0"]) == 0
+    rows = {s["row"]: s for s in json.loads((out / "results.json").read_text())["summaries"]}
+    assert list(rows) == ["baseline (no cache)", "dual r=2", "threshold 0.5", "dual r=2 threshold 0.5"]
+    assert rows["threshold 0.5"]["threshold"] == 0.5 and rows["threshold 0.5"]["cached_forwards"] == 0
+    # The shipped model is confident: parallel decoding takes fewer denoiser calls than one token per step
+    # (its short answers end at the first step).
+    baseline_calls = rows["baseline (no cache)"]["full_forwards"]
+    for label in ("threshold 0.5", "dual r=2 threshold 0.5"):
+        assert rows[label]["full_forwards"] + rows[label]["cached_forwards"] < baseline_calls
+
+
 def test_refresh_interval_rejects_bad_settings(engines_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         refresh_interval.main(["--engines", str(engines_dir), "--intervals", "0"])
