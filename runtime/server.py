@@ -427,6 +427,13 @@ def create_app(settings: ServerSettings, *, on_load_failure=None, shutdown_timeo
     async def http_error(request, err: HTTPException):
         return APIError(err.status_code, str(err.detail), None, None).response()
 
+    @app.exception_handler(Exception)
+    async def unexpected_error(request, err: Exception):
+        log.exception("unexpected error")
+        metrics.finished("failed")
+        return APIError(500, f"the server failed on this request ({type(err).__name__}: {err})", None,
+                        "server_error").response()
+
     @app.get("/health")
     async def health():
         if engine.scheduler is not None:
@@ -477,7 +484,8 @@ def create_app(settings: ServerSettings, *, on_load_failure=None, shutdown_timeo
             raise job_error(first.error)
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(completion.chunks(first, include_usage), media_type="text/event-stream")
+            return StreamingResponse(completion.chunks(first, include_usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         event = first
         while event.kind != "done":
             event = await completion.next_event(http)

@@ -339,6 +339,18 @@ def test_health_is_503_until_the_engines_are_loaded(monkeypatch):
         assert http.post("/v1/chat/completions", json={"messages": HI, "max_tokens": 8}).status_code == 200
 
 
+def test_an_unexpected_fault_is_openai_json(monkeypatch):
+    def broken(body, images):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(server_module, "conversation", broken)
+    app = create_app(ServerSettings(str(llada_v.SHIPPED_MODEL_DIR), backend="torch", load_in_background=False))
+    with TestClient(app, raise_server_exceptions=False) as http:
+        reply = http.post("/v1/chat/completions", json={"messages": HI})
+    assert reply.status_code == 500
+    assert reply.json()["error"]["type"] == "server_error" and "disk on fire" in reply.json()["error"]["message"]
+
+
 def test_a_failed_load_is_reported(tmp_path):
     failures = []
     folder = tmp_path / "broken"
