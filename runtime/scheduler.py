@@ -43,8 +43,9 @@ class SchedulerStoppedError(RuntimeError):
 
 @dataclass
 class Event:
-    """What a job reports, on the worker thread: kind "tokens" (the answer's final prefix grew: `token_ids`),
-    "done" (`result`) or "error" (`error`, a ValueError for a bad request, anything else for a fault)."""
+    """What a job reports, on the worker thread: kind "started" (it has a row: its request was good),
+    "tokens" (the answer's final prefix grew: `token_ids`), "done" (`result`) or "error" (`error`, a
+    ValueError for a bad request, anything else for a fault)."""
 
     kind: str
     token_ids: list[int] | None = None
@@ -82,7 +83,7 @@ class Job:
             self.result = event.result
         elif event.kind == "error":
             self.error = event.error
-        if event.kind != "tokens":
+        if event.kind in ("done", "error"):
             self._done.set()
         try:
             self.on_event(event)
@@ -211,6 +212,7 @@ class Scheduler:
                 self._count("invalid")
                 continue
             job.started = now
+            job._report(Event("started"))
             joining.setdefault(dataclasses.replace(job.config, seed=0), []).append((job, prompt))
         pipeline = self.pipeline
         for key, members in joining.items():

@@ -473,7 +473,7 @@ def create_app(settings: ServerSettings, *, on_load_failure=None, shutdown_timeo
             raise APIError(503, str(err), None, "shutting_down", {"Retry-After": "5"}) from err
         completion = Completion(settings.name, job, events, engine.pipeline.tokenizer)
         try:
-            first = await completion.next_event(http)
+            first = await completion.next_event(http)  # "started" once it has a row, or "error"
         except BaseException:
             job.cancel()
             raise
@@ -549,7 +549,7 @@ class Completion:
                                  "model": self.model, "choices": [], "usage": usage(result)}
                         yield f"data: {json.dumps(chunk)}\n\n"
                     break
-                else:  # the engines failed after the response started: the error is the last event
+                elif event.kind == "error":  # the engines failed after the response started: the last event
                     yield f"data: {json.dumps(job_error(event.error).body())}\n\n"
                     break
                 event = await self.next_event(None)

@@ -193,15 +193,20 @@ def test_stop_finishes_running_requests(long_pipe):
     assert [len(job.result.token_ids) for job in jobs] == [32, 32, 32]
 
 
-def test_max_tokens_cuts_the_answer(long_pipe):
+def test_max_tokens_cuts_the_answer_and_events_only_grow_it(long_pipe):
     cfg = GenerationConfig(gen_length=16, block_length=8, steps=16)
     scheduler = Scheduler(long_pipe).start()
-    job = scheduler.submit(Request("Hi"), cfg, max_tokens=11)
+    events = []
+    job = scheduler.submit(Request("Hi"), cfg, events.append, max_tokens=11)
     job.wait(60)
     scheduler.stop()
     full = long_pipe.generate("Hi", config=cfg)
     assert job.result.token_ids == full.token_ids[:11]
     assert job.result.stats["finish_reason"] == "length"
+    assert [e.kind for e in events][0] == "started" and events[-1].kind == "done"
+    prefixes = [e.token_ids for e in events if e.kind == "tokens"]
+    assert prefixes and all(len(a) < len(b) for a, b in zip(prefixes, prefixes[1:]))
+    assert all(p == job.result.token_ids[:len(p)] for p in prefixes)  # never a token taken back
 
 
 # ---- the image-embedding cache --------------------------------------------------------------------------------
