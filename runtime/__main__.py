@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 
 from .config import CACHE_MODES, REMASKING, GenerationConfig
 from .pipeline import BACKENDS, Pipeline
@@ -147,6 +148,7 @@ def one_line(err: Exception) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.formatwarning = lambda message, *rest, **kw: f"warning: {one_line(message)}\n"  # one line, no path
     try:
         config = generation_config(args)
         if args.command == "serve":

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import sys
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -183,6 +184,17 @@ def test_fp16_graphs_keep_norms_softmax_and_rope_in_float32(engines):
         for op in fp32_ops:
             assert input_types[op] == {TensorProto.FLOAT}, f"{part}: {op} must run in float32"
         assert input_types["MatMul"] == {TensorProto.FLOAT16}, f"{part}: the matmuls are fp16"
+
+
+def test_fp16_engines_on_the_cpu_provider_say_what_the_cpu_does(engines):
+    from runtime import Pipeline
+    from runtime.ort_runner import OnnxRuntimeRunner
+
+    with pytest.warns(UserWarning, match="fp32 copy of the weights in each session"):
+        OnnxRuntimeRunner(engines["fp16"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Pipeline.load(engines["fp32"]).close()
 
 
 def test_cached_denoiser_shares_the_full_denoisers_weight_file(engines):
