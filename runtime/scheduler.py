@@ -5,8 +5,8 @@ client went away and admits waiting requests, up to `max_batch` rows in all, so 
 while others run starts at the next step, not after the batch ends. Requests join a group of the same
 settings (the GenerationConfig less the seed: the batch shares block length, steps, cache and the rest,
 each row keeps its own seed), and each group is one Decoder whose step is one denoiser call per kind;
-groups take their steps in turn. Rows are left-padded anew when they join or leave (decoding.py), so
-every answer is the one the same request gives alone.
+groups take their steps in turn. A new row takes a finished row's place or the batch is left-padded anew
+(Decoder.admit), so every answer is the one the same request gives alone.
 
     scheduler = Scheduler(pipeline, max_batch=8).start()
     job = scheduler.submit(Request("Hi"), GenerationConfig(gen_length=32), on_event=print)
