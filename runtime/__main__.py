@@ -186,7 +186,7 @@ def serve(args, defaults: GenerationConfig) -> int:
         return 0
     if args.replicas != 1:
         raise ValueError("--replicas needs --ray (one process serves one set of engines)")
-    check_folder(args.path, args.backend)
+    check_folder(args.path, args.backend, args.device)
     import uvicorn
 
     from .server import create_app
@@ -204,8 +204,12 @@ def serve(args, defaults: GenerationConfig) -> int:
     return 2 if failed else 0
 
 
-def check_folder(path: str, backend: str) -> None:
-    """Refuse a folder that cannot hold these engines before the server starts (the engines load after it)."""
+def check_folder(path: str, backend: str, device: str | None) -> None:
+    """Refuse a folder or a device that cannot serve these engines before the server starts (the engines load
+    after it)."""
+    from .runner import resolve_device
+
+    resolve_device(device or ("cuda" if backend == "tensorrt" else "cpu"), backend)
     if backend == "torch":
         from llada_v.weights import checkpoint_config
 

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from openai import OpenAI
 from PIL import Image
@@ -372,6 +373,9 @@ def test_serve_cli_refuses_a_bad_folder_and_settings(tmp_path, capsys):
     assert "--ray" in capsys.readouterr().err
     assert main(["serve", "--engines", str(llada_v.SHIPPED_MODEL_DIR), "--max-body-mb", "0"]) == 2
     assert "max_body_mb" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["serve", "--engines", str(llada_v.SHIPPED_MODEL_DIR), "--backend", "tensorrt"]) == 2
+        assert "GPU" in capsys.readouterr().err
 
 
 def test_request_to_generation_config_mapping():
