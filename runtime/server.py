@@ -29,6 +29,7 @@ from typing import Literal
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -448,8 +449,6 @@ def create_app(settings: ServerSettings, *, on_load_failure=None, shutdown_timeo
 
     @app.get("/metrics")
     async def prometheus():
-        from prometheus_client import CONTENT_TYPE_LATEST
-
         return Response(metrics.text(), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/chat/completions")
