@@ -113,8 +113,8 @@ def plot(levels: list[dict], path: Path, title: str) -> None:
 
 
 def print_table(levels: list[dict], max_batch: int) -> None:
-    print(f"| clients | server | req/s | tokens/s | p50 latency (s) | p95 latency (s) | p50 first text (s) | "
-          f"speedup | same answers |")
+    print("| clients | server | req/s | tokens/s | p50 latency (s) | p95 latency (s) | p50 first text (s) | "
+          "speedup | same answers |")
     print("|---|---|---|---|---|---|---|---|---|")
     for level in levels:
         for server, name in (("batched", f"--max-batch {max_batch}"), ("single", "--max-batch 1")):
