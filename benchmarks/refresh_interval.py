@@ -4,6 +4,10 @@ same requests, interleaved so that machine drift hits all rows alike.
     python -m benchmarks.refresh_interval --engines DIR [--cache prefix dual] [--intervals 2 4 8 16 32 48]
         [--thresholds 0.7 0.8 0.9 0.95]
 
+With `--backend torch` the baseline is LLaDA's plain loop in PyTorch over the same model (the reference loop of
+benchmarks/demo_model/evaluate.py, full forward every step, no cache), so every speedup is the torch backend's
+against plain PyTorch; the runtime's own uncached row follows it.
+
 Each threshold adds two rows of Fast-dLLM's parallel decoding (commit every position more confident than
 the threshold): uncached, and with the dual cache at the largest interval. On a random model (the benchmark
 model) no position is ever that confident, so those rows take one step per token like the others.
@@ -21,12 +25,17 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
 from benchmarks.common import Request, load_pipeline, load_requests, machine_info, shipped_engines
+from benchmarks.demo_model.evaluate import reference_loop
+from runtime import GenerationResult
+from runtime import Request as RuntimeRequest
+from runtime.decoding import StageTimer, stop_position, torch_threads
 
 
 @dataclass(frozen=True)
@@ -37,6 +46,8 @@ class Row:
 
     @property
     def label(self) -> str:
+        if self.cache == "plain":
+            return "plain PyTorch loop"
         decoding = "" if self.threshold is None else f"threshold {self.threshold:g}"
         if self.cache == "none":
             return decoding or "baseline (no cache)"
@@ -108,7 +119,8 @@ def plot(summaries: list[dict], path: Path, title: str) -> None:
         speed_axis.plot(intervals, [s["tokens_per_second"] for s in rows], marker=marker, label=f"{cache}: tokens/s")
         quality_axis.plot(intervals, [100 * s[quality] for s in rows], marker=marker, linestyle="--", alpha=0.6,
                           label=f"{cache}: {quality}")
-    speed_axis.axhline(baseline["tokens_per_second"], color="grey", linestyle=":", label="no cache: tokens/s")
+    speed_axis.axhline(baseline["tokens_per_second"], color="grey", linestyle=":",
+                       label=f"{baseline['row']}: tokens/s")
     for s in summaries:
         if s["threshold"] is not None:  # one point each, at the interval it uses (uncached: the first step)
             x = s["refresh_interval"] or 1
@@ -125,6 +137,22 @@ def plot(summaries: list[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plain_loop(pipe, request: Request, settings: dict):
+    """One request through LLaDA's plain loop on the torch backend's model, timed like a generate call."""
+    start = time.perf_counter()
+    prompts = pipe.embed_prompts([RuntimeRequest(request.prompt, request.image)], StageTimer(pipe.runner.device))
+    with torch_threads(pipe.runner.loop_threads):
+        answers, calls = reference_loop(pipe.runner.model, prompts, pipe.special, settings["gen_length"],
+                                        settings["block_length"], settings["steps"])
+    seconds = time.perf_counter() - start
+    answer = answers[0].tolist()
+    ids = answer[:stop_position(answer, pipe.special.eot)]
+    # Its time outside the model is not measured apart: `outside` reads nan.
+    return GenerationResult(pipe.tokenizer.decode(ids, skip_special_tokens=True), ids,
+                            {"seconds": seconds, "full_forwards": calls, "cached_forwards": 0,
+                             "engine_seconds": float("nan")})
 
 
 def parse_args(argv):
@@ -159,10 +187,11 @@ def main(argv: list[str] | None = None) -> int:
         pipe = load_pipeline(args.engines, args.backend)
         settings = dict(gen_length=args.gen_length, block_length=args.block_length,
                         steps=args.steps or args.gen_length)
-        rows = [Row("none", None)] + [Row(c, r) for c in args.cache for r in args.intervals]
+        rows = ([Row("plain", None)] if args.backend == "torch" else []) + [Row("none", None)]
+        rows += [Row(c, r) for c in args.cache for r in args.intervals]
         rows += [row for t in args.thresholds for row in (Row("none", None, t), Row("dual", max(args.intervals), t))]
         configs = {row: GenerationConfig(**settings, cache=row.cache, refresh_interval=row.refresh_interval or 1,
-                                         threshold=row.threshold) for row in rows}
+                                         threshold=row.threshold) for row in rows if row.cache != "plain"}
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -174,7 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         for i, request in enumerate(requests):
             order = rows[i % len(rows):] + rows[:i % len(rows)]  # rotate so no row always runs first
             for row in order:
-                result = pipe.generate(request.prompt, image=request.image, config=configs[row])
+                if row.cache == "plain":
+                    result = plain_loop(pipe, request, settings)
+                else:
+                    result = pipe.generate(request.prompt, image=request.image, config=configs[row])
                 progress.update()
                 if i < args.warmup:
                     continue

@@ -46,6 +46,17 @@ def test_refresh_interval_threshold_rows(engines_dir, tmp_path):
         assert rows[label]["full_forwards"] + rows[label]["cached_forwards"] < baseline_calls
 
 
+def test_refresh_interval_torch_rows_start_with_the_plain_pytorch_loop(tmp_path):
+    out = tmp_path / "out"
+    assert refresh_interval.main(["--engines", str(SHIPPED_MODEL_DIR), "--backend", "torch", "--cache", "dual",
+                                  "--intervals", "2", "--out", str(out), *TINY]) == 0
+    rows = {s["row"]: s for s in json.loads((out / "results.json").read_text())["summaries"]}
+    assert list(rows) == ["plain PyTorch loop", "baseline (no cache)", "dual r=2"]
+    plain, ours = rows["plain PyTorch loop"], rows["baseline (no cache)"]
+    assert plain["speedup"] == 1.0 and ours["agreement"] == 1.0  # the runtime's uncached loop is LLaDA's
+    assert ours["full_forwards"] == plain["full_forwards"] and ours["cached_forwards"] == 0
+
+
 def test_refresh_interval_rejects_bad_settings(engines_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         refresh_interval.main(["--engines", str(engines_dir), "--intervals", "0"])

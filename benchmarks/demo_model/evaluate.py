@@ -62,16 +62,30 @@ def accuracy(predictions: list[str], examples: list[Example]) -> dict:
 @torch.no_grad()
 def reference_generate(model, encoder: Encoder, examples: list[Example], gen_length: int = GEN_LENGTH,
                        block_length: int = BLOCK_LENGTH, steps: int = STEPS) -> list[str]:
-    """LLaDA-V's sampler on a batch: low-confidence remasking, temperature 0, and its stop rule (once
-    <|eot_id|> is committed only the positions before it compete; answers end there)."""
+    """The reference loop on a batch of examples; answers end at <|eot_id|>."""
     special: SpecialTokens = encoder.special
+    prompts = prompt_embeddings(model, [encoder.encode(ex.image, ex.question) for ex in examples])
+    x, _ = reference_loop(model, prompts, special, gen_length, block_length, steps)
+    texts = []
+    for row in x.tolist():
+        cut = row.index(special.eot) if special.eot in row else len(row)
+        texts.append(encoder.tokenizer.decode(row[:cut], skip_special_tokens=True))
+    return texts
+
+
+@torch.no_grad()
+def reference_loop(model, prompts: list[torch.Tensor], special: SpecialTokens, gen_length: int, block_length: int,
+                   steps: int) -> tuple[torch.Tensor, int]:
+    """LLaDA-V's sampler on a batch of prompt embeddings [Lp, C]: low-confidence remasking, temperature 0, and
+    its stop rule (once <|eot_id|> is committed only the positions before it compete). Returns the answer
+    ids [B, gen_length] and the number of denoiser calls."""
     if gen_length % block_length or steps % (gen_length // block_length):
         raise ValueError("gen_length must be a multiple of block_length, and steps of the number of blocks")
-    prompts = prompt_embeddings(model, [encoder.encode(ex.image, ex.question) for ex in examples])
-    b = len(examples)
+    b = len(prompts)
     x = torch.full((b, gen_length), special.mask)
     positions = torch.arange(gen_length)
     steps_per_block = steps // (gen_length // block_length)
+    calls = 0
     for start in range(0, gen_length, block_length):
         in_block = (positions >= start) & (positions < start + block_length)
         n = block_length  # masked positions of the block, spread evenly over its steps
@@ -83,6 +97,7 @@ def reference_generate(model, encoder: Encoder, examples: list[Example], gen_len
             if not eligible.any():
                 break  # every row's block is filled, or its answer ended before it
             logits = denoise(model, prompts, x)
+            calls += 1
             logits[..., list(special.banned_at_masked)] = torch.where(
                 masked[..., None], float("-inf"), logits[..., list(special.banned_at_masked)])
             confidence, x0 = logits.softmax(-1).max(-1)
@@ -90,11 +105,7 @@ def reference_generate(model, encoder: Encoder, examples: list[Example], gen_len
             for row in range(b):
                 top = confidence[row].topk(min(k, int(eligible[row].sum()))).indices
                 x[row, top] = x0[row, top]
-    texts = []
-    for row in x.tolist():
-        cut = row.index(special.eot) if special.eot in row else len(row)
-        texts.append(encoder.tokenizer.decode(row[:cut], skip_special_tokens=True))
-    return texts
+    return x, calls
 
 
 def reference_predictor(model_dir: str | Path = SHIPPED_MODEL_DIR, batch_size: int = 50, **decode) -> Predictor:
