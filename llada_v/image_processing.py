@@ -157,7 +157,11 @@ def preprocess(image, cfg: LladaVConfig, aspect: str = "anyres") -> ImageTiles:
     request); "pad": one padded square view (each image of a request with several, as the official code)."""
     if cfg.vision is None:
         raise ValueError("this model is text-only: it cannot take images")
-    image = load_image(image)
+    return tiles_of(load_image(image), cfg, aspect)
+
+
+def tiles_of(image: Image.Image, cfg: LladaVConfig, aspect: str = "anyres") -> ImageTiles:
+    """preprocess for an image load_image has already read."""
     tile = cfg.vision.image_size
     if aspect == "pad":
         # The processor converts to RGB before it resizes, with bicubic whatever the mode.

@@ -126,12 +126,13 @@ class Decoder:
     """Iterating runs the steps; after each one it yields every row's answer ids (masks included).
 
     seeds: one per row (default: every row cfg.seed); the settings other than the seed are the batch's.
+    tags: per row, what it stands for (Decoder.tags; default None).
     full_pass_per_row: run full passes one row at a time (default: runner.full_pass_per_row).
     """
 
     def __init__(self, runner: Runner, batch: Batch, cfg: GenerationConfig, special: SpecialTokens,
                  banned_ids: torch.Tensor, timer: "StageTimer", seeds: list[int] | None = None,
-                 full_pass_per_row: bool | None = None):
+                 tags: list | None = None, full_pass_per_row: bool | None = None):
         self.runner, self.batch, self.cfg, self.special, self.timer = runner, batch, cfg, special, timer
         self.full_pass_per_row = runner.full_pass_per_row if full_pass_per_row is None else full_pass_per_row
         self.cache = None
@@ -142,7 +143,8 @@ class Decoder:
         self.generators = [torch.Generator(runner.device).manual_seed(seed) for seed in seeds]
         self.remasker = Remasker(cfg, banned_ids)
         self.rows = [RowState() for _ in range(batch.size)]
-        self.tags: list = [None] * batch.size  # per row, what it stands for (None: a free place, or unused)
+        # Per row, what it stands for (None: a free place, or unused).
+        self.tags: list = [None] * batch.size if tags is None else list(tags)
         self.counts = {"full_forwards": 0, "cached_forwards": 0, "steps": 0}
         self.offsets = torch.arange(cfg.block_length, device=runner.device)
         self.answers = batch.tokens.tolist()
@@ -183,7 +185,8 @@ class Decoder:
             self.rows[r], self.tags[r] = RowState(), tag
         if rest:
             self._regroup([r for r, row in enumerate(self.rows) if not row.free], *map(list, zip(*rest)))
-        self.answers = self.batch.tokens.tolist()
+        else:
+            self.answers = self.batch.tokens.tolist()
 
     def retire(self, rows: list[int]) -> None:
         """Free `rows` (finished or abandoned): they take no part in any step, and their places go to new rows;
@@ -193,7 +196,6 @@ class Decoder:
         keep = [r for r, row in enumerate(self.rows) if not row.free]
         if keep and len(keep) * 2 < self.batch.size:
             self._regroup(keep, [], [], [])
-            self.answers = self.batch.tokens.tolist()
 
     def _regroup(self, keep: list[int], prompts: list[torch.Tensor], seeds: list[int], tags: list) -> None:
         """Rows `keep`, then new rows for `prompts`, left-padded anew (the batch, the cache and each row's state)."""
@@ -213,6 +215,7 @@ class Decoder:
             [torch.Generator(self.runner.device).manual_seed(seed) for seed in seeds]
         self.rows = [self.rows[r] for r in keep] + [RowState() for _ in prompts]
         self.tags = [self.tags[r] for r in keep] + list(tags)
+        self.answers = self.batch.tokens.tolist()
 
     def _cache_shape(self, batch: Batch) -> tuple[int, int, int, int, int]:
         lm = self.runner.config.language
@@ -327,6 +330,12 @@ class Decoder:
 def stop_position(answer: list[int], eot: int) -> int:
     """Where the answer ends: its first <|eot_id|>, or its length while it has none."""
     return answer.index(eot) if eot in answer else len(answer)
+
+
+def final_prefix(answer: list[int], special: SpecialTokens) -> list[int]:
+    """The part of a partly decoded answer that can no longer change: up to its first mask or <|eot_id|>."""
+    end = stop_position(answer, special.eot)
+    return answer[:answer.index(special.mask)] if special.mask in answer[:end] else answer[:end]
 
 
 @contextmanager

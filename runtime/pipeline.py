@@ -14,7 +14,7 @@ import torch
 from llada_v import SpecialTokens, conversation_ids, load_tokenizer
 
 from .config import GenerationConfig
-from .decoding import Batch, Decoder, StageTimer, stop_position
+from .decoding import Batch, Decoder, StageTimer, final_prefix, stop_position
 from .image_cache import ImageEmbeddingCache
 from .prompt import (ImageLike, Request, as_request, image_embeddings, is_conversation, prompt_embeddings,
                      request_ids)
@@ -200,12 +200,7 @@ class Pipeline:
 
     def _partial_text(self, answer: list[int]) -> str:
         """The answer decoded up to its first still-masked position or <|eot_id|>."""
-        end = len(answer)
-        for i, token in enumerate(answer):
-            if token in (self.special.mask, self.special.eot):
-                end = i
-                break
-        return self.tokenizer.decode(answer[:end], skip_special_tokens=True)
+        return self.tokenizer.decode(final_prefix(answer, self.special), skip_special_tokens=True)
 
 
 class Stream:

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from llada_v import IMAGE_TOKEN_INDEX, conversation_ids
-from llada_v.image_processing import load_image, merge_tile_embeddings, preprocess
+from llada_v.image_processing import load_image, merge_tile_embeddings, tiles_of
 from llada_v.tokenizer import IMAGE_PLACEHOLDER, with_image_placeholders
 
 from .image_cache import ImageEmbeddingCache
@@ -141,7 +141,7 @@ def image_embeddings(requests: list[Request], runner: Runner, timer,
                 else:
                     found[key] = embeddings
             slots.append(keys)
-        tiles = {key: preprocess(image, runner.config, aspect) for key, (image, aspect) in todo.items()}
+        tiles = {key: tiles_of(image, runner.config, aspect) for key, (image, aspect) in todo.items()}
     if tiles:
         pixel_values = torch.cat([t.pixel_values for t in tiles.values()]).to(runner.device)
         with timer("vision"):

@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 from .config import GenerationConfig
-from .decoding import Batch, Decoder, StageTimer, stop_position
+from .decoding import Batch, Decoder, StageTimer, final_prefix, stop_position
 from .pipeline import GenerationResult, Pipeline
 from .prompt import Request
 
@@ -222,10 +222,8 @@ class Scheduler:
                 self.groups[key].admit(new_prompts, seeds, new_jobs)
             else:
                 batch = Batch.left_padded(new_prompts, key.gen_length, pipeline.special.mask, pipeline.runner)
-                decoder = Decoder(pipeline.runner, batch, key, pipeline.special, pipeline.banned_ids,
-                                  StageTimer(pipeline.runner.device), seeds)
-                decoder.tags = list(new_jobs)
-                self.groups[key] = decoder
+                self.groups[key] = Decoder(pipeline.runner, batch, key, pipeline.special, pipeline.banned_ids,
+                                           StageTimer(pipeline.runner.device), seeds, new_jobs)
             if self.metrics is not None:
                 self.metrics.admitted([now - j.submitted for j in new_jobs])
 
@@ -263,14 +261,15 @@ class Scheduler:
         self._retire(key, cancelled, "cancelled")
         if key not in self.groups:
             return
-        mask = self.pipeline.special.mask
-        before, masked = dict(decoder.counts), sum(a.count(mask) for a in decoder.answers)
-        start = time.perf_counter()
+        mask, metrics = self.pipeline.special.mask, self.metrics
+        if metrics is not None:  # what the step committed, and its calls
+            before, masked = dict(decoder.counts), sum(a.count(mask) for a in decoder.answers)
+            start = time.perf_counter()
         decoder.step()
-        if self.metrics is not None:
+        if metrics is not None:
             calls = {kind: decoder.counts[kind] - before[kind] for kind in ("full_forwards", "cached_forwards")}
             committed = masked - sum(a.count(mask) for a in decoder.answers)
-            self.metrics.stepped(time.perf_counter() - start, calls, committed)
+            metrics.stepped(time.perf_counter() - start, calls, committed)
         finished = []
         for r, job in jobs(decoder):
             if decoder.rows[r].done:
@@ -296,15 +295,10 @@ class Scheduler:
 
     def _report_prefix(self, job: Job, answer: list[int]) -> None:
         """The answer is final up to its first still-masked position (or <|eot_id|>): report it as it grows."""
-        special = self.pipeline.special
-        end = stop_position(answer, special.eot)
-        if special.mask in answer[:end]:
-            end = answer.index(special.mask)
-        if job.max_tokens is not None:
-            end = min(end, job.max_tokens)
-        if end > job._shown:
-            job._shown = end
-            job._report(Event("tokens", token_ids=answer[:end]))
+        prefix = final_prefix(answer, self.pipeline.special)[:job.max_tokens]
+        if len(prefix) > job._shown:
+            job._shown = len(prefix)
+            job._report(Event("tokens", token_ids=prefix))
 
     def _result(self, job: Job, decoder: Decoder, row: int) -> GenerationResult:
         answer = decoder.answers[row]
