@@ -11,7 +11,7 @@ from pathlib import Path
 from PIL import Image
 
 from benchmarks.demo_model.data import load_examples, prompt_text
-from benchmarks.demo_model.evaluate import is_exact_match
+from benchmarks.demo_model.evaluate import is_exact_match, token_f1
 from exporter.manifest import checkpoint_sha256
 from llada_v import SHIPPED_MODEL_DIR
 
@@ -21,15 +21,20 @@ class Request:
     prompt: str
     image: Image.Image
     answer: str | None
+    kind: str  # the question type (benchmarks/demo_model/data.py)
 
     def is_correct(self, text: str) -> bool:
         return is_exact_match(text, self.answer)
+
+    def f1(self, text: str) -> float:
+        return token_f1(text, self.answer)
 
 
 def load_requests(count: int, with_answers: bool) -> list[Request]:
     """The first `count` questions of the demo task's held-out split (with their images)."""
     examples = load_examples("eval", limit=count)
-    return [Request(prompt_text(ex.question), ex.image, ex.answer if with_answers else None) for ex in examples]
+    return [Request(prompt_text(ex.question), ex.image, ex.answer if with_answers else None, ex.kind)
+            for ex in examples]
 
 
 def load_pipeline(path: Path, backend: str):
@@ -38,12 +43,20 @@ def load_pipeline(path: Path, backend: str):
     return Pipeline.load(path, backend=backend)
 
 
-def shipped_engines(engines: Path) -> bool:
-    """Whether an engines folder was built from the shipped model, whose labelled set is the demo task."""
-    manifest = engines / "manifest.json"
-    if not manifest.is_file():
-        return False
-    return json.loads(manifest.read_text()).get("source", {}).get("sha256") == checkpoint_sha256(SHIPPED_MODEL_DIR)
+def source_sha256(folder: Path) -> str | None:
+    """The checkpoint behind a folder: an engines folder's source (its manifest), or a checkpoint folder's own."""
+    manifest = folder / "manifest.json"
+    if manifest.is_file():
+        return json.loads(manifest.read_text()).get("source", {}).get("sha256")
+    try:
+        return checkpoint_sha256(folder)
+    except (OSError, ValueError):
+        return None
+
+
+def is_shipped_model(folder: Path) -> bool:
+    """Whether a folder holds the shipped model or engines built from it: its labelled set is the demo task."""
+    return source_sha256(folder) == checkpoint_sha256(SHIPPED_MODEL_DIR)
 
 
 def machine_info() -> dict:

@@ -2,21 +2,23 @@
 same requests, interleaved so that machine drift hits all rows alike.
 
     python -m benchmarks.refresh_interval --engines DIR [--cache prefix dual] [--intervals 2 4 8 16 32 48]
-        [--thresholds 0.7 0.8 0.9 0.95]
+        [--thresholds 0.7 0.8 0.9 0.95] [--plain-model CHECKPOINT]
 
-With `--backend torch` the baseline is LLaDA's plain loop in PyTorch over the same model (the reference loop of
-benchmarks/demo_model/evaluate.py, full forward every step, no cache), so every speedup is the torch backend's
-against plain PyTorch; the runtime's own uncached row follows it.
+Plain PyTorch rows (with `--backend torch`, or `--plain-model` naming the checkpoint the engines were built from):
+LLaDA's plain loop (the reference loop of benchmarks/demo_model/evaluate.py, a full forward every step, no
+cache) becomes the baseline, and Fast-dLLM's own cached loops (benchmarks/fast_dllm_loops.py, one refresh per
+block) are timed beside the runtime's: `vs Fast-dLLM` is the runtime's speedup over the research loop with the
+same cache, in the rows that refresh once per block like it.
 
 Each threshold adds two rows of Fast-dLLM's parallel decoding (commit every position more confident than
 the threshold): uncached, and with the dual cache at the largest interval. On a random model (the benchmark
 model) no position is ever that confident, so those rows take one step per token like the others.
 
-Per row: median seconds per request, tokens/s, denoiser calls (full and cached), speedup over the
+Per row: median seconds per request, tokens/s, denoiser calls (full, cached, and nfe: both), speedup over the
 baseline of the same run, agreement with the baseline's answer (share of identical tokens), the time
-spent outside the engines, and exact-match accuracy when the engines were built from the shipped
-model (whose labelled evaluation set is the demo task's held-out split). Writes results.json and
-refresh_interval.png to --out.
+spent outside the engines, and exact match and token F1 when the model is the shipped one (whose labelled
+evaluation set is the demo task's held-out split). Writes results.json and refresh_interval.png (quality
+against tokens/s, a curve per mode) to --out.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from benchmarks.common import Request, load_pipeline, load_requests, machine_info, shipped_engines
-from benchmarks.demo_model.evaluate import reference_loop
+from benchmarks.common import Request, is_shipped_model, load_pipeline, load_requests, machine_info, source_sha256
+from benchmarks.demo_model.evaluate import reference_loop, steps_per_block_of
+from benchmarks.fast_dllm_loops import cached_loop
 from runtime import GenerationResult
 from runtime import Request as RuntimeRequest
 from runtime.decoding import StageTimer, stop_position, torch_threads
@@ -43,11 +46,12 @@ class Row:
     cache: str
     refresh_interval: int | None
     threshold: float | None = None
+    plain: bool = False  # the research code's loop in PyTorch, not the runtime
 
     @property
     def label(self) -> str:
-        if self.cache == "plain":
-            return "plain PyTorch loop"
+        if self.plain:
+            return "plain PyTorch loop" if self.cache == "none" else f"Fast-dLLM {self.cache} loop"
         decoding = "" if self.threshold is None else f"threshold {self.threshold:g}"
         if self.cache == "none":
             return decoding or "baseline (no cache)"
@@ -73,86 +77,128 @@ def agreement(answer: list[int], baseline: list[int]) -> float:
     return sum(a == b for a, b in zip(answer, baseline)) / length
 
 
-def summarize(row: Row, runs: RowRuns, baseline: RowRuns, requests: list[Request]) -> dict:
+def summarize(row: Row, runs: RowRuns, baseline: RowRuns, requests: list[Request],
+              research: RowRuns | None = None) -> dict:
+    """`research`: Fast-dLLM's loop with the same cache, for a runtime row that refreshes once per block."""
     seconds = statistics.median(runs.seconds)
     total_seconds = sum(runs.seconds)
+    calls = [f + c for f, c in zip(runs.full_forwards, runs.cached_forwards)]
     summary = {
         "row": row.label, "cache": row.cache, "refresh_interval": row.refresh_interval, "threshold": row.threshold,
-        "median_seconds": seconds,
+        "plain": row.plain, "median_seconds": seconds,
         "tokens_per_second": sum(runs.tokens) / total_seconds,
         "full_forwards": statistics.mean(runs.full_forwards),
         "cached_forwards": statistics.mean(runs.cached_forwards),
+        "nfe": statistics.mean(calls),
         "speedup": statistics.median(baseline.seconds) / seconds,
         "agreement": statistics.mean(agreement(a, b) for a, b in zip(runs.answers, baseline.answers)),
         "outside_engines_share": 1 - sum(runs.engine_seconds) / total_seconds,
+        "vs_fast_dllm": None if research is None else statistics.median(research.seconds) / seconds,
     }
-    if all(r.answer is not None for r in requests):
+    labelled = all(r.answer is not None for r in requests)
+    if labelled:
         summary["accuracy"] = statistics.mean(r.is_correct(text) for r, text in zip(requests, runs.texts))
+        summary["f1"] = statistics.mean(r.f1(text) for r, text in zip(requests, runs.texts))
+    summary["by_type"] = {}
+    for kind in dict.fromkeys(r.kind for r in requests):
+        mine = [i for i, r in enumerate(requests) if r.kind == kind]
+        summary["by_type"][kind] = {"nfe": statistics.mean(calls[i] for i in mine)}
+        if labelled:
+            summary["by_type"][kind]["accuracy"] = statistics.mean(requests[i].is_correct(runs.texts[i]) for i in mine)
     return summary
 
 
 def print_table(summaries: list[dict]) -> None:
-    header = f"{'row':<28}{'s/request':>10}{'tok/s':>9}{'speedup':>9}{'full':>6}{'cached':>8}{'agree':>7}{'outside':>9}"
+    has_research = any(s["vs_fast_dllm"] is not None for s in summaries)
     has_accuracy = "accuracy" in summaries[0]
-    print(header + ("   accuracy" if has_accuracy else ""))
+    header = (f"{'row':<28}{'s/request':>10}{'tok/s':>9}{'speedup':>9}" + (f"{'vs Fast-dLLM':>13}" if has_research else "")
+              + f"{'full':>6}{'cached':>8}{'nfe':>6}{'agree':>7}{'outside':>9}" + ("  exact     F1" if has_accuracy else ""))
+    print(header)
     for s in summaries:
-        line = (f"{s['row']:<28}{s['median_seconds']:>10.3f}{s['tokens_per_second']:>9.1f}{s['speedup']:>8.2f}x"
-                f"{s['full_forwards']:>6.1f}{s['cached_forwards']:>8.1f}{s['agreement']:>7.1%}{s['outside_engines_share']:>9.1%}")
-        print(line + (f"{s['accuracy']:>11.1%}" if has_accuracy else ""))
+        line = f"{s['row']:<28}{s['median_seconds']:>10.3f}{s['tokens_per_second']:>9.1f}{s['speedup']:>8.2f}x"
+        if has_research:
+            line += f"{s['vs_fast_dllm']:>12.2f}x" if s["vs_fast_dllm"] is not None else " " * 13
+        line += (f"{s['full_forwards']:>6.1f}{s['cached_forwards']:>8.1f}{s['nfe']:>6.1f}{s['agreement']:>7.1%}"
+                 f"{s['outside_engines_share']:>9.1%}")
+        print(line + (f"{s['accuracy']:>7.1%}{s['f1']:>7.1%}" if has_accuracy else ""))
+
+
+def mode(summary: dict) -> str:
+    """The curve a row belongs to on the plot: the loop, its cache, and whether it decodes by threshold."""
+    if summary["plain"]:
+        return "plain PyTorch" if summary["cache"] == "none" else f"Fast-dLLM {summary['cache']}"
+    cache = "no cache" if summary["cache"] == "none" else summary["cache"]
+    return cache + (" + threshold" if summary["threshold"] is not None else "")
 
 
 def plot(summaries: list[dict], path: Path, title: str) -> None:
+    """Quality (exact match, or agreement with the baseline on a model without labels) against tokens/s: one
+    curve per mode, its points the intervals or thresholds, like the figures of the Fast-dLLM paper."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    baseline = summaries[0]
-    quality = "accuracy" if "accuracy" in baseline else "agreement"
-    fig, speed_axis = plt.subplots(figsize=(7, 4.2))
-    quality_axis = speed_axis.twinx()
-    for cache, marker in (("prefix", "o"), ("dual", "s")):
-        rows = [s for s in summaries if s["cache"] == cache and s["threshold"] is None]
-        if not rows:
-            continue
-        intervals = [s["refresh_interval"] for s in rows]
-        speed_axis.plot(intervals, [s["tokens_per_second"] for s in rows], marker=marker, label=f"{cache}: tokens/s")
-        quality_axis.plot(intervals, [100 * s[quality] for s in rows], marker=marker, linestyle="--", alpha=0.6,
-                          label=f"{cache}: {quality}")
-    speed_axis.axhline(baseline["tokens_per_second"], color="grey", linestyle=":",
-                       label=f"{baseline['row']}: tokens/s")
+    quality = "accuracy" if "accuracy" in summaries[0] else "agreement"
+    curves: dict[str, list[dict]] = {}
     for s in summaries:
-        if s["threshold"] is not None:  # one point each, at the interval it uses (uncached: the first step)
-            x = s["refresh_interval"] or 1
-            speed_axis.scatter([x], [s["tokens_per_second"]], marker="^", label=f"{s['row']}: tokens/s")
-    speed_axis.set_xscale("log", base=2)
-    speed_axis.set_xlabel("refresh interval (steps)")
-    speed_axis.set_ylabel("tokens / second")
-    quality_axis.set_ylabel(f"{quality} (%)")
-    quality_axis.set_ylim(0, 105)
-    lines = speed_axis.get_legend_handles_labels()[0] + quality_axis.get_legend_handles_labels()[0]
-    labels = speed_axis.get_legend_handles_labels()[1] + quality_axis.get_legend_handles_labels()[1]
-    speed_axis.legend(lines, labels, fontsize=8, loc="center right")
-    speed_axis.set_title(title, fontsize=9)
+        curves.setdefault(mode(s), []).append(s)
+    fig, axis = plt.subplots(figsize=(7, 4.2))
+    for name, rows in curves.items():
+        rows = sorted(rows, key=lambda s: s["tokens_per_second"])
+        axis.plot([s["tokens_per_second"] for s in rows], [100 * s[quality] for s in rows], marker="o",
+                  linestyle="-" if len(rows) > 1 else "none", label=name)
+        for s in rows:
+            note = s["threshold"] if s["threshold"] is not None else s["refresh_interval"]
+            if note is not None and len(rows) > 1:
+                axis.annotate(f"{note:g}", (s["tokens_per_second"], 100 * s[quality]), fontsize=6,
+                              textcoords="offset points", xytext=(3, 3))
+    axis.set_xscale("log")
+    axis.set_xlabel("tokens / second (labels: refresh interval or threshold)")
+    axis.set_ylabel(f"{'exact match' if quality == 'accuracy' else 'agreement with the baseline'} (%)")
+    axis.legend(fontsize=8)
+    axis.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def plain_loop(pipe, request: Request, settings: dict):
-    """One request through LLaDA's plain loop on the torch backend's model, timed like a generate call."""
+def plain_loop(pipe, request: Request, settings: dict, cache: str):
+    """One request through the research code's loop (`cache` none: LLaDA's; prefix/dual: Fast-dLLM's) on a torch
+    pipeline's model, timed like a generate call."""
     start = time.perf_counter()
     prompts = pipe.embed_prompts([RuntimeRequest(request.prompt, request.image)], StageTimer(pipe.runner.device))
+    decode = (settings["gen_length"], settings["block_length"], settings["steps"])
     with torch_threads(pipe.runner.loop_threads):
-        answers, calls = reference_loop(pipe.runner.model, prompts, pipe.special, settings["gen_length"],
-                                        settings["block_length"], settings["steps"])
+        if cache == "none":
+            answers, full, cached = *reference_loop(pipe.runner.model, prompts, pipe.special, *decode), 0
+        else:
+            answers, full, cached = cached_loop(pipe.runner.model, prompts[0], pipe.special, *decode, cache)
     seconds = time.perf_counter() - start
     answer = answers[0].tolist()
     ids = answer[:stop_position(answer, pipe.special.eot)]
     # Its time outside the model is not measured apart: `outside` reads nan.
     return GenerationResult(pipe.tokenizer.decode(ids, skip_special_tokens=True), ids,
-                            {"seconds": seconds, "full_forwards": calls, "cached_forwards": 0,
+                            {"seconds": seconds, "full_forwards": full, "cached_forwards": cached,
                              "engine_seconds": float("nan")})
+
+
+def research_row(row: Row, steps_per_block: int) -> Row | None:
+    """Fast-dLLM's loop with a runtime row's cache, when the row refreshes once per block as that loop does."""
+    if row.plain or row.cache == "none" or row.threshold is not None or row.refresh_interval < steps_per_block:
+        return None
+    return Row(row.cache, steps_per_block, plain=True)
+
+
+def plain_pipeline(args, pipe):
+    """The torch pipeline the plain loops run on: the benchmarked one with --backend torch, else --plain-model's,
+    which must hold the weights the engines were built from (or the speedups compare two models)."""
+    if args.plain_model is None:
+        return pipe if args.backend == "torch" else None
+    if source_sha256(args.plain_model) != source_sha256(args.engines):
+        raise ValueError(f"--plain-model {args.plain_model} is not the checkpoint {args.engines} was built from "
+                         f"(their sha256 differ): give the engines' source checkpoint")
+    return load_pipeline(args.plain_model, "torch")
 
 
 def parse_args(argv):
@@ -168,6 +214,10 @@ def parse_args(argv):
                         help="parallel decoding rows: each threshold uncached and with the dual cache")
     parser.add_argument("--requests", type=int, default=4, help="requests timed per row")
     parser.add_argument("--warmup", type=int, default=1, help="untimed requests per row first")
+    parser.add_argument("--plain-model", type=Path, default=None,
+                        help="checkpoint the engines were built from: adds the plain PyTorch loops (LLaDA's, "
+                             "Fast-dLLM's cached ones) as rows, the plain loop as the baseline (default with "
+                             "--backend torch: the --engines checkpoint itself)")
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     args = parser.parse_args(argv)
     if any(i < 1 for i in args.intervals):
@@ -184,18 +234,21 @@ def main(argv: list[str] | None = None) -> int:
     from runtime import GenerationConfig
 
     try:
-        pipe = load_pipeline(args.engines, args.backend)
         settings = dict(gen_length=args.gen_length, block_length=args.block_length,
                         steps=args.steps or args.gen_length)
-        rows = ([Row("plain", None)] if args.backend == "torch" else []) + [Row("none", None)]
-        rows += [Row(c, r) for c in args.cache for r in args.intervals]
+        steps_per_block = steps_per_block_of(**settings)
+        pipe = load_pipeline(args.engines, args.backend)
+        plain_pipe = plain_pipeline(args, pipe)
+        rows = [Row("none", None)] + [Row(c, r) for c in args.cache for r in args.intervals]
         rows += [row for t in args.thresholds for row in (Row("none", None, t), Row("dual", max(args.intervals), t))]
         configs = {row: GenerationConfig(**settings, cache=row.cache, refresh_interval=row.refresh_interval or 1,
-                                         threshold=row.threshold) for row in rows if row.cache != "plain"}
+                                         threshold=row.threshold) for row in rows}
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    labelled = args.backend != "torch" and shipped_engines(args.engines)
+    if plain_pipe is not None:
+        rows = [Row("none", None, plain=True)] + [Row(c, steps_per_block, plain=True) for c in args.cache] + rows
+    labelled = is_shipped_model(args.engines)
     requests = load_requests(args.warmup + args.requests, with_answers=labelled)
     runs = {row: RowRuns() for row in rows}
 
@@ -203,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         for i, request in enumerate(requests):
             order = rows[i % len(rows):] + rows[:i % len(rows)]  # rotate so no row always runs first
             for row in order:
-                if row.cache == "plain":
-                    result = plain_loop(pipe, request, settings)
+                if row.plain:
+                    result = plain_loop(plain_pipe, request, settings, row.cache)
                 else:
                     result = pipe.generate(request.prompt, image=request.image, config=configs[row])
                 progress.update()
@@ -221,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
                 run.texts.append(result.text)
 
     timed = requests[args.warmup:]
-    summaries = [summarize(row, runs[row], runs[rows[0]], timed) for row in rows]
+    summaries = [summarize(row, runs[row], runs[rows[0]], timed, runs.get(research_row(row, steps_per_block)))
+                 for row in rows]
     print_table(summaries)
     args.out.mkdir(parents=True, exist_ok=True)
     machine = machine_info()

@@ -263,10 +263,13 @@ class Decoder:
         in_place = self.cache is not None and index is None
         buffers = (self.cache.keys, self.cache.values) if in_place else ()
         with self.timer("full_forward"):
-            logits, keys, values = self.runner.denoise_full(*self.batch.select(rows), starts[:, None] + self.offsets,
-                                                            *buffers)
-            if self.cache is not None and not in_place:
-                self.cache.update(keys, values, index)
+            if self.cache is None:
+                logits = self.runner.denoise_logits(*self.batch.select(rows), starts[:, None] + self.offsets)
+            else:
+                logits, keys, values = self.runner.denoise_full(*self.batch.select(rows),
+                                                                starts[:, None] + self.offsets, *buffers)
+                if not in_place:
+                    self.cache.update(keys, values, index)
         self._count_call("full_forwards", rows)
         return rows, logits
 
@@ -274,10 +277,12 @@ class Decoder:
         first = self.batch.gen_start - self.batch.prompt_lengths[r]  # the row's first real slot
         span = slice(r, r + 1), slice(first, None)
         logits_index = (self._block_start(self.rows[r].block) - first + self.offsets)[None]
+        inputs = self.batch.embeds[span], self.batch.position_ids[span], self.batch.attention_mask[span], logits_index
         with self.timer("full_forward"):
-            logits, keys, values = self.runner.denoise_full(self.batch.embeds[span], self.batch.position_ids[span],
-                                                            self.batch.attention_mask[span], logits_index)
-            if self.cache is not None:
+            if self.cache is None:
+                logits = self.runner.denoise_logits(*inputs)
+            else:
+                logits, keys, values = self.runner.denoise_full(*inputs)
                 self.cache.keys[:, r, :, first:] = keys[:, 0]
                 self.cache.values[:, r, :, first:] = values[:, 0]
         self._count_call("full_forwards", [r])

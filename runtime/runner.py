@@ -111,6 +111,16 @@ class Runner(ABC):
         logits = self._denoise_full_impl(inputs_embeds, position_ids, attention_mask, logits_index, *presents)
         return logits, *presents
 
+    def denoise_logits(self, inputs_embeds, position_ids, attention_mask, logits_index) -> torch.Tensor:
+        """The full pass's logits alone, for a loop without a cache. A backend that can skip writing the
+        presents (a copy of every layer's K/V per step) overrides `_denoise_logits_impl`."""
+        self._check_active("denoise_logits")
+        self._check_denoiser_inputs(inputs_embeds, position_ids, attention_mask, logits_index)
+        return self._denoise_logits_impl(inputs_embeds, position_ids, attention_mask, logits_index)
+
+    def _denoise_logits_impl(self, inputs_embeds, position_ids, attention_mask, logits_index) -> torch.Tensor:
+        return self.denoise_full(inputs_embeds, position_ids, attention_mask, logits_index)[0]
+
     def denoise_cached(self, inputs_embeds, position_ids, attention_mask, logits_index,
                        past_keys, past_values, past_mask, query_start: int) -> torch.Tensor:
         """The cached pass: the Q queries attend to `past_*` where `past_mask` is 1 and to their own

@@ -76,6 +76,10 @@ class TorchRunner(Runner):
         return logits
 
     @torch.inference_mode()
+    def _denoise_logits_impl(self, inputs_embeds, position_ids, attention_mask, logits_index):
+        return self.model.denoiser(inputs_embeds, position_ids, attention_mask, logits_index)[0]
+
+    @torch.inference_mode()
     def _denoise_cached_impl(self, inputs_embeds, position_ids, attention_mask, logits_index,
                              past_keys, past_values, past_mask, query_start):
         if self.fused_cache:

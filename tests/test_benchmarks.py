@@ -46,15 +46,44 @@ def test_refresh_interval_threshold_rows(engines_dir, tmp_path):
         assert rows[label]["full_forwards"] + rows[label]["cached_forwards"] < baseline_calls
 
 
-def test_refresh_interval_torch_rows_start_with_the_plain_pytorch_loop(tmp_path):
+def test_refresh_interval_torch_rows_start_with_the_plain_pytorch_loops(tmp_path):
     out = tmp_path / "out"
     assert refresh_interval.main(["--engines", str(SHIPPED_MODEL_DIR), "--backend", "torch", "--cache", "dual",
-                                  "--intervals", "2", "--out", str(out), *TINY]) == 0
+                                  "--intervals", "2", "4", "--out", str(out), *TINY]) == 0
     rows = {s["row"]: s for s in json.loads((out / "results.json").read_text())["summaries"]}
-    assert list(rows) == ["plain PyTorch loop", "baseline (no cache)", "dual r=2"]
+    assert list(rows) == ["plain PyTorch loop", "Fast-dLLM dual loop", "baseline (no cache)", "dual r=2", "dual r=4"]
     plain, ours = rows["plain PyTorch loop"], rows["baseline (no cache)"]
     assert plain["speedup"] == 1.0 and ours["agreement"] == 1.0  # the runtime's uncached loop is LLaDA's
     assert ours["full_forwards"] == plain["full_forwards"] and ours["cached_forwards"] == 0
+    # 8 steps over 2 blocks: r=4 refreshes once per block, as Fast-dLLM's loop does, and is compared with it
+    assert rows["dual r=4"]["vs_fast_dllm"] > 0 and rows["dual r=2"]["vs_fast_dllm"] is None
+    assert rows["dual r=4"]["full_forwards"] == rows["Fast-dLLM dual loop"]["full_forwards"]
+    assert "accuracy" in ours and "f1" in ours  # the shipped checkpoint: its labelled set scores every row
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_fast_dllm_loops_are_the_runtime_at_one_refresh_per_block(no_eot_model_dir, cache):
+    """Token for token on a model that never stops early, so every block is decoded through the cache."""
+    from benchmarks.common import load_requests
+    from benchmarks.fast_dllm_loops import cached_loop
+    from runtime import GenerationConfig, Pipeline
+    from runtime import Request as RuntimeRequest
+    from runtime.decoding import StageTimer
+
+    pipe = Pipeline.load(no_eot_model_dir, backend="torch")
+    config = GenerationConfig(gen_length=16, block_length=8, steps=16, cache=cache, refresh_interval=8)
+    for request in load_requests(3, with_answers=False):
+        ours = pipe.generate(request.prompt, image=request.image, config=config)
+        (prompt,) = pipe.embed_prompts([RuntimeRequest(request.prompt, request.image)], StageTimer(pipe.runner.device))
+        answer, full, cached = cached_loop(pipe.runner.model, prompt, pipe.special, 16, 8, 16, cache)
+        assert answer[0].tolist() == list(ours.token_ids) and len(ours.token_ids) == 16
+        assert (full, cached) == (ours.stats["full_forwards"], ours.stats["cached_forwards"]) == (2, 14)
+
+
+def test_refresh_interval_plain_model_must_be_the_engines_source(engines_dir, no_eot_model_dir, tmp_path, capsys):
+    code = refresh_interval.main(["--engines", str(engines_dir), "--plain-model", str(no_eot_model_dir),
+                                  "--out", str(tmp_path), *TINY])
+    assert code == 2 and "not the checkpoint" in capsys.readouterr().err
 
 
 def test_refresh_interval_rejects_bad_settings(engines_dir, tmp_path, capsys):

@@ -87,6 +87,10 @@ class SpyRunner(TorchRunner):
         return super()._denoise_full_impl(inputs_embeds, position_ids, attention_mask, logits_index,
                                           present_keys, present_values)
 
+    def _denoise_logits_impl(self, inputs_embeds, position_ids, attention_mask, logits_index):
+        self.calls.append(("full", inputs_embeds.shape[1], logits_index.clone(), None, None))  # no presents
+        return super()._denoise_logits_impl(inputs_embeds, position_ids, attention_mask, logits_index)
+
     def _denoise_cached_impl(self, inputs_embeds, position_ids, attention_mask, logits_index,
                              past_keys, past_values, past_mask, query_start):
         self.calls.append(("cached", inputs_embeds.shape[1], past_keys.data_ptr(), tuple(past_keys.shape),

@@ -8,7 +8,7 @@ import torch
 
 from benchmarks.demo_model import data
 from benchmarks.demo_model.data import Scene, Shape, draw, make_example
-from benchmarks.demo_model.evaluate import accuracy, normalize
+from benchmarks.demo_model.evaluate import accuracy, normalize, token_f1
 from benchmarks.demo_model.train import (Encoder, diffusion_loss, init_weights, make_tokenizer, mask_response,
                                          training_step)
 from llada_v import LladaV, load_tokenizer
@@ -214,5 +214,13 @@ def test_normalize_and_accuracy():
     assert normalize("3!") == "3"
     examples = data.load_examples("eval", 0, limit=10)
     result = accuracy([ex.answer.upper() + "." for ex in examples], examples)
-    assert result["accuracy"] == 1.0 and result["n"] == 10
-    assert accuracy(["nope"] * len(examples), examples)["accuracy"] == 0.0
+    assert result["accuracy"] == 1.0 and result["n"] == 10 and result["f1"] == 1.0
+    wrong = accuracy(["nope"] * len(examples), examples)
+    assert wrong["accuracy"] == 0.0 and wrong["f1"] == 0.0 and set(wrong["f1_per_type"]) == set(wrong["per_type"])
+
+
+def test_token_f1_counts_shared_words():
+    assert token_f1("Red circle, blue square.", "red circle, blue square") == 1.0
+    assert token_f1("red circle", "red circle, blue square") == pytest.approx(2 * 1.0 * 0.5 / 1.5)  # P 1, R 1/2
+    assert token_f1("red red", "red") == pytest.approx(2 * 0.5 * 1.0 / 1.5)  # a word counts as often as it occurs
+    assert token_f1("", "") == 1.0 and token_f1("", "red") == 0.0 and token_f1("blue", "red") == 0.0

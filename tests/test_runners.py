@@ -95,6 +95,9 @@ def test_parts_match_the_torch_reference(runner, reference):
     theirs = reference.denoise_full(embeds.cpu(), positions.cpu(), mask.cpu(), torch.arange(12).expand(2, 12))
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a.cpu(), b, **tolerance(runner))
+    # the uncached loop's call: the full pass's logits, without writing the presents
+    torch.testing.assert_close(runner.denoise_logits(embeds, positions, mask, arange(12, runner)), ours[0],
+                               rtol=0, atol=0)
 
 
 def test_cached_pass_on_a_fresh_cache_equals_the_full_pass(runner):

@@ -253,7 +253,7 @@ def test_image_cache_budget_and_keys():
 def test_an_engine_fault_fails_the_requests_in_flight_and_the_worker_goes_on(long_pipe, monkeypatch):
     cfg = GenerationConfig(gen_length=8, block_length=8, steps=8)
     runner = long_pipe.runner
-    real = runner.denoise_full
+    real = runner.denoise_logits  # the uncached loop's full pass
     faults = iter([RuntimeError("device lost")])
 
     def failing_once(*args, **kwargs):
@@ -262,7 +262,7 @@ def test_an_engine_fault_fails_the_requests_in_flight_and_the_worker_goes_on(lon
             raise fault
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "denoise_full", failing_once)
+    monkeypatch.setattr(runner, "denoise_logits", failing_once)
     metrics = ServerMetrics()
     scheduler = Scheduler(long_pipe, metrics=metrics).start()
     try:

@@ -1,4 +1,4 @@
-"""Exact-match accuracy of a model on the held-out split of the synthetic visual QA task.
+"""Exact-match accuracy and token F1 of a model on the held-out split of the synthetic visual QA task.
 
     python -m benchmarks.demo_model.evaluate [--model DIR | --engines DIR] [--backend torch|onnxruntime|tensorrt|reference]
         [--cache none|prefix|dual] [--refresh-interval N] [--limit N]
@@ -7,7 +7,7 @@ The torch / onnxruntime / tensorrt backends go through the project's runtime (`r
 `reference` decodes with the plain LLaDA loop in PyTorch below (low-confidence remasking,
 temperature 0, no cache): the figure the runtime's `cache="none"` must reproduce.
 A predictor maps a list of examples to their answers; `accuracy` scores them. Other benchmarks reuse
-`load_examples` and `is_exact_match`.
+`load_examples`, `is_exact_match` and `token_f1`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import string
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Callable
 
@@ -29,7 +29,8 @@ from .train import Encoder, denoise, prompt_embeddings
 # The decoding the demo model was trained for: one block of 8 tokens, one token per step.
 GEN_LENGTH = BLOCK_LENGTH = STEPS = 8
 
-__all__ = ["load_examples", "normalize", "is_exact_match", "accuracy", "reference_predictor", "runtime_predictor"]
+__all__ = ["load_examples", "normalize", "is_exact_match", "token_f1", "accuracy", "reference_predictor",
+           "runtime_predictor"]
 
 Predictor = Callable[[list[Example]], list[str]]
 
@@ -43,18 +44,39 @@ def is_exact_match(predicted: str, expected: str) -> bool:
     return normalize(predicted) == normalize(expected)
 
 
+def words(text: str) -> list[str]:
+    """The words of a normalised answer, punctuation dropped: "top left: red circle," -> [top, left, red, circle]."""
+    return normalize(text).translate(str.maketrans("", "", string.punctuation)).split()
+
+
+def token_f1(predicted: str, expected: str) -> float:
+    """SQuAD's token-level F1: harmonic mean of the precision and recall of the shared words (a multiset)."""
+    pred, gold = words(predicted), words(expected)
+    if not pred or not gold:
+        return float(pred == gold)
+    shared = sum((Counter(pred) & Counter(gold)).values())
+    if shared == 0:
+        return 0.0
+    precision, recall = shared / len(pred), shared / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
 def accuracy(predictions: list[str], examples: list[Example]) -> dict:
-    """{"accuracy": overall, "per_type": {kind: accuracy}, "n": count, "errors": [...]} of answers to `examples`."""
-    hits, totals, errors = defaultdict(int), defaultdict(int), []
+    """{"accuracy": exact match, "f1": mean token F1, "n": count, "per_type": {kind: exact match},
+    "f1_per_type": {kind: F1}, "errors": [...]} of answers to `examples`."""
+    hits, f1s, totals, errors = defaultdict(int), defaultdict(float), defaultdict(int), []
     for ex, predicted in zip(examples, predictions, strict=True):
         ok = is_exact_match(predicted, ex.answer)
         totals[ex.kind] += 1
         hits[ex.kind] += ok
+        f1s[ex.kind] += token_f1(predicted, ex.answer)
         if not ok:
             errors.append({"question": ex.question, "answer": ex.answer, "predicted": predicted, "kind": ex.kind})
     n = sum(totals.values())
-    return {"accuracy": sum(hits.values()) / max(1, n), "n": n,
-            "per_type": {k: hits[k] / totals[k] for k in QUESTION_TYPES if totals[k]}, "errors": errors}
+    kinds = [k for k in QUESTION_TYPES if totals[k]]
+    return {"accuracy": sum(hits.values()) / max(1, n), "f1": sum(f1s.values()) / max(1, n), "n": n,
+            "per_type": {k: hits[k] / totals[k] for k in kinds}, "f1_per_type": {k: f1s[k] / totals[k] for k in kinds},
+            "errors": errors}
 
 
 # ---- the reference loop (plain LLaDA, no cache) -----------------------------------------------
@@ -79,33 +101,50 @@ def reference_loop(model, prompts: list[torch.Tensor], special: SpecialTokens, g
     """LLaDA-V's sampler on a batch of prompt embeddings [Lp, C]: low-confidence remasking, temperature 0, and
     its stop rule (once <|eot_id|> is committed only the positions before it compete). Returns the answer
     ids [B, gen_length] and the number of denoiser calls."""
-    if gen_length % block_length or steps % (gen_length // block_length):
-        raise ValueError("gen_length must be a multiple of block_length, and steps of the number of blocks")
-    b = len(prompts)
-    x = torch.full((b, gen_length), special.mask)
-    positions = torch.arange(gen_length)
-    steps_per_block = steps // (gen_length // block_length)
+    steps_per_block = steps_per_block_of(gen_length, block_length, steps)
+    x = torch.full((len(prompts), gen_length), special.mask)
     calls = 0
     for start in range(0, gen_length, block_length):
-        in_block = (positions >= start) & (positions < start + block_length)
-        n = block_length  # masked positions of the block, spread evenly over its steps
-        schedule = [n // steps_per_block + (s < n % steps_per_block) for s in range(steps_per_block)]
-        for k in schedule:
-            masked = x == special.mask
-            stops = torch.where((x == special.eot).any(1), (x == special.eot).int().argmax(1), gen_length)
-            eligible = masked & in_block & (positions < stops[:, None])
+        for k in block_schedule(block_length, steps_per_block):
+            eligible = eligible_positions(x, start, start + block_length, special)
             if not eligible.any():
                 break  # every row's block is filled, or its answer ended before it
             logits = denoise(model, prompts, x)
             calls += 1
-            logits[..., list(special.banned_at_masked)] = torch.where(
-                masked[..., None], float("-inf"), logits[..., list(special.banned_at_masked)])
-            confidence, x0 = logits.softmax(-1).max(-1)
-            confidence = torch.where(eligible, confidence, float("-inf"))
-            for row in range(b):
-                top = confidence[row].topk(min(k, int(eligible[row].sum()))).indices
-                x[row, top] = x0[row, top]
+            commit_most_confident(x, logits, eligible, k, special)
     return x, calls
+
+
+def steps_per_block_of(gen_length: int, block_length: int, steps: int) -> int:
+    if gen_length % block_length or steps % (gen_length // block_length):
+        raise ValueError("gen_length must be a multiple of block_length, and steps of the number of blocks")
+    return steps // (gen_length // block_length)
+
+
+def block_schedule(masks: int, steps: int) -> list[int]:
+    """Positions committed at each step of a block: `masks` spread evenly over `steps` (get_num_transfer_tokens)."""
+    return [masks // steps + (s < masks % steps) for s in range(steps)]
+
+
+def eligible_positions(x: torch.Tensor, start: int, end: int, special: SpecialTokens) -> torch.Tensor:
+    """[B, gen_length] bool: masked, inside the block [start, end), and before the row's first <|eot_id|>."""
+    positions = torch.arange(x.shape[1])
+    is_eot = x == special.eot
+    stops = torch.where(is_eot.any(1), is_eot.int().argmax(1), x.shape[1])
+    return (x == special.mask) & (positions >= start) & (positions < end) & (positions < stops[:, None])
+
+
+def commit_most_confident(x: torch.Tensor, logits: torch.Tensor, eligible: torch.Tensor, k: int,
+                          special: SpecialTokens) -> None:
+    """Low-confidence remasking at temperature 0, in place: each row commits its (at most) k most confident
+    eligible positions. x, eligible [B, L]; logits [B, L, V] at the same positions (L: a slice of the answer)."""
+    banned = list(special.banned_at_masked)
+    logits[..., banned] = torch.where((x == special.mask)[..., None], float("-inf"), logits[..., banned])
+    confidence, x0 = logits.softmax(-1).max(-1)
+    confidence = torch.where(eligible, confidence, float("-inf"))
+    for row in range(x.shape[0]):
+        top = confidence[row].topk(min(k, int(eligible[row].sum()))).indices
+        x[row, top] = x0[row, top]
 
 
 def reference_predictor(model_dir: str | Path = SHIPPED_MODEL_DIR, batch_size: int = 50, **decode) -> Predictor:
