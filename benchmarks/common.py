@@ -14,6 +14,7 @@ from benchmarks.demo_model.data import load_examples, prompt_text
 from benchmarks.demo_model.evaluate import is_exact_match, token_f1
 from exporter.manifest import checkpoint_sha256
 from llada_v import SHIPPED_MODEL_DIR
+from llada_v.weights import checkpoint_files
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,20 @@ def source_sha256(folder: Path) -> str | None:
 
 
 def is_shipped_model(folder: Path) -> bool:
-    """Whether a folder holds the shipped model or engines built from it: its labelled set is the demo task."""
+    """Whether a folder holds the shipped model or engines built from it: its labelled set is the demo task.
+
+    A checkpoint folder is hashed only when its weight files have the shipped model's sizes: hashing every
+    checkpoint would read all of an 8B model's 16 GB to say no."""
+    if not (folder / "manifest.json").is_file() and _weight_sizes(folder) != _weight_sizes(SHIPPED_MODEL_DIR):
+        return False
     return source_sha256(folder) == checkpoint_sha256(SHIPPED_MODEL_DIR)
+
+
+def _weight_sizes(folder: Path) -> list[int] | None:
+    try:
+        return sorted(path.stat().st_size for path in set(checkpoint_files(folder).values()))
+    except (OSError, ValueError):
+        return None
 
 
 def machine_info() -> dict:

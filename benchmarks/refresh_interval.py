@@ -97,14 +97,15 @@ def summarize(row: Row, runs: RowRuns, baseline: RowRuns, requests: list[Request
     }
     labelled = all(r.answer is not None for r in requests)
     if labelled:
-        summary["accuracy"] = statistics.mean(r.is_correct(text) for r, text in zip(requests, runs.texts))
+        correct = [r.is_correct(text) for r, text in zip(requests, runs.texts)]
+        summary["accuracy"] = statistics.mean(correct)
         summary["f1"] = statistics.mean(r.f1(text) for r, text in zip(requests, runs.texts))
     summary["by_type"] = {}
     for kind in dict.fromkeys(r.kind for r in requests):
         mine = [i for i, r in enumerate(requests) if r.kind == kind]
         summary["by_type"][kind] = {"nfe": statistics.mean(calls[i] for i in mine)}
         if labelled:
-            summary["by_type"][kind]["accuracy"] = statistics.mean(requests[i].is_correct(runs.texts[i]) for i in mine)
+            summary["by_type"][kind]["accuracy"] = statistics.mean(correct[i] for i in mine)
     return summary
 
 
