@@ -44,8 +44,6 @@ from .validate import ValidationError, validate_part
 from .wrappers import wrap
 
 BACKENDS = ("onnx", "tensorrt")
-# The cached denoiser reuses the full one's external weight file (identical initializers).
-SHARES_WEIGHTS_WITH = {"denoiser_cached": "denoiser_full"}
 
 __all__ = ["BACKENDS", "BuildError", "EngineBuildError", "ValidationError", "build_engines"]
 
@@ -277,10 +275,8 @@ def _export_all(model: LladaV, cfg: LladaVConfig, precision: str, staging: Path,
     for name, spec in part_specs(cfg, precision).items():
         graph = wrap(name, model)
         weight_bytes = sum(p.numel() * p.element_size() for p in graph.parameters())
-        owner = SHARES_WEIGHTS_WITH.get(name)
         with log.step(f"exporting {name}.onnx"):
-            files = export_part(graph, spec, staging, external_data=weight_bytes > external_data_threshold,
-                                share_weights_with=staging / f"{owner}.onnx" if owner else None)
+            files = export_part(graph, spec, staging, external_data=weight_bytes > external_data_threshold)
         manifest.parts[name] = PartEntry(spec, files, {d: ranges[d] for d in spec.dims})
 
 

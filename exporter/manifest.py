@@ -15,7 +15,7 @@ from llada_v.weights import INDEX_FILE, checkpoint_files
 
 from .onnx_export import DimRange, PartSpec
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MANIFEST_FILE = "manifest.json"
 EMBEDDINGS_FILE = "embeddings.safetensors"
 

@@ -2,7 +2,8 @@
 
 Every part runs on fresh random inputs of several shapes, none of them the export shape
 (`VALIDATION_DIMS`): tile counts 1 and 3, batch 1 and 2 (with left padding), several sequence
-lengths, logits at a few or at all positions, caches of several lengths. Inputs are drawn in the
+lengths, logits at a few or at all positions, caches of several lengths. The denoiser's full pass
+(an empty cache) is compared with the module's own full pass, the cached pass with its cached pass. Inputs are drawn in the
 engines' precision and given to the reference upcast to float32, so only the graph's own arithmetic
 is measured. Denoiser inputs are realistic: token embeddings from the checkpoint, and caches that
 are the reference's own keys/values.
@@ -42,12 +43,12 @@ SEED = 0
 VALIDATION_DIMS: dict[str, list[dict[str, int]]] = {
     "vision": [{"num_tiles": 1}, {"num_tiles": 3}],
     "projector": [{"num_tiles": 1}, {"num_tiles": 3}],
-    "denoiser_full": [{"batch": 1, "sequence": 5, "positions": 1},
-                      {"batch": 2, "sequence": 16, "positions": 16},
-                      {"batch": 2, "sequence": 37, "positions": 6}],
-    "denoiser_cached": [{"batch": 1, "sequence": 1, "positions": 1, "past_sequence": 9},
-                        {"batch": 2, "sequence": 8, "positions": 3, "past_sequence": 24},
-                        {"batch": 1, "sequence": 16, "positions": 16, "past_sequence": 40}],
+    "denoiser": [{"batch": 1, "sequence": 5, "positions": 1, "past_sequence": 0},
+                 {"batch": 2, "sequence": 16, "positions": 16, "past_sequence": 0},
+                 {"batch": 2, "sequence": 37, "positions": 6, "past_sequence": 0},
+                 {"batch": 1, "sequence": 1, "positions": 1, "past_sequence": 9},
+                 {"batch": 2, "sequence": 8, "positions": 3, "past_sequence": 24},
+                 {"batch": 1, "sequence": 16, "positions": 16, "past_sequence": 40}],
 }
 
 
@@ -125,8 +126,10 @@ def validate_part(onnx_path, spec: PartSpec, reference: LladaV, precision: str) 
     for dims in VALIDATION_DIMS[spec.name]:
         inputs = sample_inputs(spec, dims, reference, rng)
         onnx_outputs = session.run(spec.output_names, inputs)
+        # An empty cache is the full pass: checked against the module's own full pass (no cache inputs).
+        names = spec.input_names[:4] if dims.get("past_sequence") == 0 else spec.input_names
         with torch.no_grad():
-            ref_outputs = graph(*(_as_reference(inputs[name]) for name in spec.input_names))
+            ref_outputs = graph(*(_as_reference(inputs[name]) for name in names))
         if isinstance(ref_outputs, torch.Tensor):
             ref_outputs = (ref_outputs,)
         for out, got, want in zip(spec.outputs, onnx_outputs, ref_outputs, strict=True):
@@ -163,7 +166,7 @@ def sample_inputs(spec: PartSpec, dims: dict[str, int], reference: LladaV, rng: 
         with torch.no_grad():
             values = {"features": reference.vision_tower(torch.from_numpy(pixels).float()).numpy()}
     else:
-        values = _denoiser_inputs(dims, reference, rng, cached=spec.name == "denoiser_cached")
+        values = _denoiser_inputs(dims, reference, rng)
     return {name: np.ascontiguousarray(values[name], dtype=dtypes[name]) for name in spec.input_names}
 
 
@@ -172,9 +175,8 @@ def _tile_shape(reference: LladaV) -> tuple[int, int, int]:
     return vis.num_channels, vis.image_size, vis.image_size
 
 
-def _denoiser_inputs(dims: dict[str, int], reference: LladaV, rng: np.random.Generator, cached: bool) -> dict:
-    b, q, p = dims["batch"], dims["sequence"], dims["positions"]
-    lc = dims.get("past_sequence", 0)
+def _denoiser_inputs(dims: dict[str, int], reference: LladaV, rng: np.random.Generator) -> dict:
+    b, q, p, lc = dims["batch"], dims["sequence"], dims["positions"], dims["past_sequence"]
     embed = reference.denoiser.embed_tokens.weight.detach().numpy()
     attention_mask = np.ones((b, q), dtype=np.int64)
     for row in range(1, b):  # left padding, longer for later rows
@@ -183,7 +185,13 @@ def _denoiser_inputs(dims: dict[str, int], reference: LladaV, rng: np.random.Gen
     values = {"inputs_embeds": embed[rng.integers(0, len(embed), (b, q))],
               "position_ids": position_ids, "attention_mask": attention_mask,
               "logits_index": rng.integers(0, q, (b, p))}
-    if cached:
+    if lc == 0:
+        lm = reference.config.language
+        empty = np.zeros((b, lm.num_attention_heads, 0, lm.head_dim), dtype=embed.dtype)
+        for i in range(lm.num_hidden_layers):
+            values[f"past_keys.{i}"] = values[f"past_values.{i}"] = empty
+        values["past_mask"] = np.zeros((b, 0), dtype=np.int64)
+    else:
         # The cache is what the reference's full pass writes for lc random tokens; a random fifth is hidden.
         past_embeds = torch.from_numpy(embed[rng.integers(0, len(embed), (b, lc))])
         positions = torch.arange(lc).expand(b, lc)

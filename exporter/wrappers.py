@@ -38,31 +38,16 @@ class ProjectorGraph(nn.Module):
         return self.projector(features)
 
 
-class DenoiserFullGraph(nn.Module):
-    """The uncached pass over the whole sequence.
-
-    inputs_embeds dtype [batch, sequence, C], position_ids / attention_mask int64 [batch, sequence],
-    logits_index int64 [batch, positions]
-    -> logits float32 [batch, positions, V], present_keys.0 .. present_keys.{n-1}, present_values.0 ..
-    present_values.{n-1} dtype [batch, H, sequence, D].
-    """
-
-    def __init__(self, model: LladaV):
-        super().__init__()
-        self.denoiser = model.denoiser
-
-    def forward(self, inputs_embeds, position_ids, attention_mask, logits_index):
-        logits, keys, values = self.denoiser(inputs_embeds, position_ids, attention_mask, logits_index)
-        return logits, *keys, *values
-
-
-class DenoiserCachedGraph(nn.Module):
-    """The cached pass: the queries attend to the cache (where past_mask is 1) and to themselves.
+class DenoiserGraph(nn.Module):
+    """Both denoiser passes: the queries attend to the cache (where past_mask is 1) and to themselves; with
+    an empty cache (past_sequence 0) it is the full pass.
 
     inputs_embeds dtype [batch, sequence, C], position_ids / attention_mask int64 [batch, sequence],
     logits_index int64 [batch, positions], then `past`: past_keys.0 .. past_keys.{n-1}, past_values.0 ..
     past_values.{n-1} dtype [batch, H, past_sequence, D] and past_mask int64 [batch, past_sequence]
-    -> the outputs of DenoiserFullGraph, with the queries' keys/values.
+    -> logits float32 [batch, positions, V], present_keys.0 .. present_keys.{n-1}, present_values.0 ..
+    present_values.{n-1} dtype [batch, H, sequence, D]: the queries' keys/values.
+    Called without `past` it is the module's own full pass: validation's reference for past_sequence 0.
     """
 
     def __init__(self, model: LladaV):
@@ -71,16 +56,15 @@ class DenoiserCachedGraph(nn.Module):
 
     def forward(self, inputs_embeds, position_ids, attention_mask, logits_index, *past):
         n = len(self.denoiser.layers)
-        logits, keys, values = self.denoiser(inputs_embeds, position_ids, attention_mask, logits_index,
-                                             past_keys=past[:n], past_values=past[n:2 * n], past_mask=past[2 * n])
+        cache = dict(past_keys=past[:n], past_values=past[n:2 * n], past_mask=past[2 * n]) if past else {}
+        logits, keys, values = self.denoiser(inputs_embeds, position_ids, attention_mask, logits_index, **cache)
         return logits, *keys, *values
 
 
 GRAPHS: dict[str, type[nn.Module]] = {
     "vision": VisionGraph,
     "projector": ProjectorGraph,
-    "denoiser_full": DenoiserFullGraph,
-    "denoiser_cached": DenoiserCachedGraph,
+    "denoiser": DenoiserGraph,
 }
 
 

@@ -12,7 +12,7 @@ import torch
 from llada_v import CheckpointError, LladaVConfig
 from llada_v.weights import inside_folder
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 BUILD_HINT = "rebuild it with `python -m exporter build --out DIR`"
 
@@ -82,7 +82,7 @@ def open_engines(folder: str | Path) -> EnginesFolder:
     if missing:
         raise ValueError(f"{folder} is incomplete: missing {', '.join(missing)} (listed in its manifest); "
                          f"the build was interrupted or files were removed: {BUILD_HINT}")
-    needed = ["denoiser_full", "denoiser_cached"] + (["vision", "projector"] if config.has_vision else [])
+    needed = ["denoiser"] + (["vision", "projector"] if config.has_vision else [])
     absent = [p for p in needed if p not in manifest["parts"]]
     if absent:
         raise ValueError(f"{manifest_path} lists no {', '.join(absent)} part: {BUILD_HINT}")
@@ -129,9 +129,8 @@ def _graph_io(config: LladaVConfig, part: str) -> tuple[list[str], list[str]]:
     presents = [f"present_keys.{i}" for i in layers] + [f"present_values.{i}" for i in layers]
     denoiser = ["inputs_embeds", "position_ids", "attention_mask", "logits_index"]
     return {"vision": (["pixel_values"], ["features"]), "projector": (["features"], ["embeddings"]),
-            "denoiser_full": (denoiser, ["logits", *presents]),
-            "denoiser_cached": ([*denoiser, *[f"past_keys.{i}" for i in layers],
-                                 *[f"past_values.{i}" for i in layers], "past_mask"], ["logits", *presents]),
+            "denoiser": ([*denoiser, *[f"past_keys.{i}" for i in layers], *[f"past_values.{i}" for i in layers],
+                          "past_mask"], ["logits", *presents]),
             }[part]
 
 
@@ -169,7 +168,7 @@ def _check_graph(engines: EnginesFolder, part: str) -> None:
     if last.HasField("dim_value") and last.dim_value != size:
         raise ValueError(f"{path} gives {value.name} of width {last.dim_value} but config.json implies {size}: "
                          f"config.json was changed after the build; {BUILD_HINT}")
-    if part.startswith("denoiser"):
+    if part == "denoiser":
         hidden = inputs["inputs_embeds"].type.tensor_type.shape.dim[-1]
         if hidden.HasField("dim_value") and hidden.dim_value != cfg.language.hidden_size:
             raise ValueError(f"{path} takes inputs_embeds of width {hidden.dim_value} but config.json says "

@@ -3,7 +3,8 @@
 Inputs and outputs are torch tensors bound by pointer (IO binding), so on CUDA they stay on the GPU
 between parts and steps; outputs are preallocated torch tensors of the shapes docs/engines.md gives.
 The graphs' per-layer cache tensors are bound to the layers of the runtime's stacked buffers: a cached
-step reads the cache in place, and a full forward over every row writes it in place.
+step reads the cache in place, and a full forward over every row writes it in place. One session runs
+both denoiser passes (the full pass binds an empty cache), so the weights are held once.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 from .engines import open_engines
-from .runner import Runner, per_layer, resolve_device
+from .runner import Runner, empty_cache, per_layer, resolve_device
 
 # Measured on the benchmark model (2 x 29 MB of fp32 denoiser weights): fp32 engines +183 MB at load, fp16
 # engines +181 MB, though their files are half the size.
@@ -64,7 +65,7 @@ class OnnxRuntimeRunner(Runner):
         if "CPUExecutionProvider" not in self.providers:
             provider_list.append(("CPUExecutionProvider", {}))  # for the few nodes a GPU provider does not take
         eng = self.engines
-        parts = ["denoiser_full", "denoiser_cached"] + (["vision", "projector"] if eng.config.has_vision else [])
+        parts = ["denoiser"] + (["vision", "projector"] if eng.config.has_vision else [])
         options = ort.SessionOptions()
         if self.device.type == "cpu":
             # Between engine calls the loop runs small torch ops on the same cores. ONNX Runtime's
@@ -132,10 +133,11 @@ class OnnxRuntimeRunner(Runner):
     def _denoise_full_impl(self, inputs_embeds, position_ids, attention_mask, logits_index,
                            present_keys, present_values):
         logits = self._logits(logits_index)
+        inputs = self._denoiser_inputs(inputs_embeds, position_ids, attention_mask, logits_index)
+        inputs.update(empty_cache(present_keys))
         outputs = {"logits": logits, **per_layer("present_keys", present_keys),
                    **per_layer("present_values", present_values)}
-        self._run("denoiser_full", self._denoiser_inputs(inputs_embeds, position_ids, attention_mask, logits_index),
-                  outputs)
+        self._run("denoiser", inputs, outputs)
         return logits
 
     def _denoise_cached_impl(self, inputs_embeds, position_ids, attention_mask, logits_index,
@@ -144,5 +146,5 @@ class OnnxRuntimeRunner(Runner):
         inputs.update(per_layer("past_keys", past_keys), **per_layer("past_values", past_values),
                       past_mask=past_mask.contiguous())
         logits = self._logits(logits_index)
-        self._run("denoiser_cached", inputs, {"logits": logits})  # the queries' presents are not needed
+        self._run("denoiser", inputs, {"logits": logits})  # the queries' presents are not needed
         return logits

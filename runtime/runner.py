@@ -201,6 +201,15 @@ def per_layer(name: str, stacked: torch.Tensor) -> dict[str, torch.Tensor]:
     return {f"{name}.{i}": layer for i, layer in enumerate(stacked.contiguous())}
 
 
+def empty_cache(like: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The denoiser graph's cache inputs for a full pass: every layer's past keys/values [B, H, 0, D] and
+    past_mask [B, 0], of the dtype and device of `like` (a stacked [n_layers, B, H, L, D] cache)."""
+    n, b, h, _, d = like.shape
+    empty = like.new_empty((b, h, 0, d))
+    return {**{f"past_keys.{i}": empty for i in range(n)}, **{f"past_values.{i}": empty for i in range(n)},
+            "past_mask": torch.zeros((b, 0), dtype=torch.int64, device=like.device)}
+
+
 def dtype_shape(tensor: torch.Tensor) -> str:
     return f"{str(tensor.dtype).replace('torch.', '')} {list(tensor.shape)}"
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .engines import open_engines
-from .runner import Runner, per_layer, resolve_device
+from .runner import Runner, empty_cache, per_layer, resolve_device
 
 _TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "INT64": torch.int64, "INT32": torch.int32,
                  "BF16": torch.bfloat16}
@@ -37,7 +37,7 @@ class TensorRTRunner(Runner):
         eng = self.engines
         logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(logger)
-        parts = ["denoiser_full", "denoiser_cached"] + (["vision", "projector"] if eng.config.has_vision else [])
+        parts = ["denoiser"] + (["vision", "projector"] if eng.config.has_vision else [])
         with torch.cuda.device(self.device):
             for part in parts:
                 path = eng.part_file(part, "plan")
@@ -52,9 +52,11 @@ class TensorRTRunner(Runner):
         self.config, self.folder, self.dtype = eng.config, eng.folder, eng.dtype
         self.max_sequence_length = eng.max_sequence_length
         self.embed_table, self.image_newline = eng.load_embeddings(self.device)
+        self._placeholder = torch.zeros(1, device=self.device)
 
     def _deactivate_impl(self) -> None:
         self.contexts = {}
+        self._placeholder = None
         self.embed_table = self.image_newline = None
 
     def _run(self, part: str, inputs: dict, outputs: dict | None = None) -> dict:
@@ -69,7 +71,8 @@ class TensorRTRunner(Runner):
                 dims = self.engines.manifest["parts"][part].get("dims")
                 raise ValueError(f"{self.name} | {part}: {name} of shape {list(t.shape)} is outside the engine's "
                                  f"optimization profile (dims {dims}): rebuild the engines for larger sizes")
-            context.set_tensor_address(name, t.data_ptr())
+            # An empty tensor (the full pass's cache) has no storage; TensorRT reads nothing at the address.
+            context.set_tensor_address(name, t.data_ptr() or self._placeholder.data_ptr())
         outputs = dict(outputs or {})
         for i in range(engine.num_io_tensors):
             name = engine.get_tensor_name(i)
@@ -91,13 +94,13 @@ class TensorRTRunner(Runner):
     def _denoise_full_impl(self, inputs_embeds, position_ids, attention_mask, logits_index,
                            present_keys, present_values):
         inputs = {"inputs_embeds": inputs_embeds, "position_ids": position_ids, "attention_mask": attention_mask,
-                  "logits_index": logits_index}
+                  "logits_index": logits_index, **empty_cache(present_keys)}
         presents = {**per_layer("present_keys", present_keys), **per_layer("present_values", present_values)}
-        return self._run("denoiser_full", inputs, presents)["logits"]
+        return self._run("denoiser", inputs, presents)["logits"]
 
     def _denoise_cached_impl(self, inputs_embeds, position_ids, attention_mask, logits_index,
                              past_keys, past_values, past_mask, query_start):
-        return self._run("denoiser_cached", {"inputs_embeds": inputs_embeds, "position_ids": position_ids,
+        return self._run("denoiser", {"inputs_embeds": inputs_embeds, "position_ids": position_ids,
                                              "attention_mask": attention_mask, "logits_index": logits_index,
                                              **per_layer("past_keys", past_keys),
                                              **per_layer("past_values", past_values),

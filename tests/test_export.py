@@ -1,4 +1,4 @@
-"""The exported engines: ONNX Runtime vs PyTorch on fresh shapes, full vs cached denoiser, the manifest."""
+"""The exported engines: ONNX Runtime vs PyTorch on fresh shapes, the denoiser's full vs cached pass, the manifest."""
 
 import importlib.util
 import json
@@ -19,14 +19,15 @@ from exporter.onnx_export import EXPORT_DIMS, dim_ranges, part_specs
 from exporter.validate import REL_TOL, open_session, sample_inputs
 from exporter.wrappers import wrap
 
-PARTS = ["vision", "projector", "denoiser_full", "denoiser_cached"]
+PARTS = ["vision", "projector", "denoiser"]
 # Sizes unlike both the export shape (onnx_export.EXPORT_DIMS) and the build's validation shapes.
 FRESH_DIMS = {
     "vision": [{"num_tiles": 4}],
     "projector": [{"num_tiles": 5}],
-    "denoiser_full": [{"batch": 3, "sequence": 11, "positions": 4}, {"batch": 1, "sequence": 2, "positions": 2}],
-    "denoiser_cached": [{"batch": 3, "sequence": 6, "positions": 2, "past_sequence": 13},
-                        {"batch": 1, "sequence": 3, "positions": 1, "past_sequence": 1}],
+    "denoiser": [{"batch": 3, "sequence": 11, "positions": 4, "past_sequence": 0},
+                 {"batch": 1, "sequence": 2, "positions": 2, "past_sequence": 0},
+                 {"batch": 3, "sequence": 6, "positions": 2, "past_sequence": 13},
+                 {"batch": 1, "sequence": 3, "positions": 1, "past_sequence": 1}],
 }
 
 
@@ -39,7 +40,7 @@ def reference(shipped_model):
 @pytest.fixture(scope="session")
 def engines(tmp_path_factory):
     """Both precisions built once. The fp16 build forces external data for every part, so it also
-    covers `<part>.onnx_data` and the cached denoiser reusing the full denoiser's data file."""
+    covers `<part>.onnx_data`."""
     root = tmp_path_factory.mktemp("engines")
     return {"fp32": build_engines(None, root / "fp32", "fp32", progress=False),
             "fp16": build_engines(None, root / "fp16", "fp16", progress=False, external_data_threshold=0)}
@@ -64,8 +65,9 @@ def test_onnx_runtime_matches_pytorch_on_fresh_shapes(engines, reference, precis
         assert dims != {d: EXPORT_DIMS[d] for d in dims}
         inputs = sample_inputs(spec, dims, reference, rng)
         got = session.run(spec.output_names, inputs)
+        names = spec.input_names[:4] if dims.get("past_sequence") == 0 else spec.input_names  # the module's full pass
         with torch.no_grad():
-            want = wrap(part, reference)(*(_reference_input(inputs[name]) for name in spec.input_names))
+            want = wrap(part, reference)(*(_reference_input(inputs[name]) for name in names))
         for name, g, w in zip(spec.output_names, got, want if isinstance(want, tuple) else (want,)):
             _compare(g, w, precision, f"{part}.{name} at {dims}")
 
@@ -76,26 +78,29 @@ def _reference_input(array: np.ndarray) -> torch.Tensor:
 
 
 def _full_pass_inputs(reference, precision, batch=2, length=12):
-    """Left-padded sequences of real token embeddings, logits asked at every position."""
+    """Left-padded sequences of real token embeddings, logits asked at every position, an empty cache."""
     dtype = np.float16 if precision == "fp16" else np.float32
+    lm = reference.config.language
     embed = reference.denoiser.embed_tokens.weight.detach().numpy()
     rng = np.random.default_rng(7)
     mask = np.ones((batch, length), dtype=np.int64)
     mask[1, :3] = 0
+    empty = np.zeros((batch, lm.num_attention_heads, 0, lm.head_dim), dtype=dtype)
     return {"inputs_embeds": embed[rng.integers(0, len(embed), (batch, length))].astype(dtype),
             "position_ids": np.maximum(np.cumsum(mask, axis=1) - 1, 0),
             "attention_mask": mask,
-            "logits_index": np.tile(np.arange(length), (batch, 1))}
+            "logits_index": np.tile(np.arange(length), (batch, 1)),
+            **{f"past_{kind}.{i}": empty for kind in ("keys", "values") for i in range(lm.num_hidden_layers)},
+            "past_mask": np.zeros((batch, 0), dtype=np.int64)}
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_cached_denoiser_reproduces_the_full_pass_from_its_own_cache(engines, reference, precision):
-    full = open_session(engines[precision] / "denoiser_full.onnx")
-    cached = open_session(engines[precision] / "denoiser_cached.onnx")
+def test_cached_pass_reproduces_the_full_pass_from_its_own_cache(engines, reference, precision):
+    denoiser = open_session(engines[precision] / "denoiser.onnx")
     x = _full_pass_inputs(reference, precision)
     n_layers = reference.config.language.num_hidden_layers
-    logits, *presents = full.run(None, x)
-    assert [o.name for o in full.get_outputs()] == ["logits", *(f"present_keys.{i}" for i in range(n_layers)),
+    logits, *presents = denoiser.run(None, x)
+    assert [o.name for o in denoiser.get_outputs()] == ["logits", *(f"present_keys.{i}" for i in range(n_layers)),
                                                     *(f"present_values.{i}" for i in range(n_layers))]
     keys, values = presents[:n_layers], presents[n_layers:]
     length = x["attention_mask"].shape[1]
@@ -111,7 +116,7 @@ def test_cached_denoiser_reproduces_the_full_pass_from_its_own_cache(engines, re
 
     # prefix cache: the last 5 positions attend to the first length-5 positions' cached K/V
     prefix = length - 5
-    got, *new_presents = cached.run(None, {**queries(prefix, length), **past(slice(0, prefix)),
+    got, *new_presents = denoiser.run(None, {**queries(prefix, length), **past(slice(0, prefix)),
                                            "past_mask": x["attention_mask"][:, :prefix]})
     assert np.abs(got - logits[:, prefix:]).max() <= tol
     for new, old in zip(new_presents, presents, strict=True):  # every layer's keys and values
@@ -122,7 +127,7 @@ def test_cached_denoiser_reproduces_the_full_pass_from_its_own_cache(engines, re
     start, stop = 4, 8
     past_mask = x["attention_mask"].copy()
     past_mask[:, start:stop] = 0
-    got, *_ = cached.run(None, {**queries(start, stop), **past(slice(None)), "past_mask": past_mask})
+    got, *_ = denoiser.run(None, {**queries(start, stop), **past(slice(None)), "past_mask": past_mask})
     assert np.abs(got - logits[:, start:stop]).max() <= tol
 
 
@@ -131,7 +136,7 @@ def test_manifest_describes_the_folder(engines, reference, precision):
     folder = engines[precision]
     manifest = load_manifest(folder)
     cfg = reference.config
-    assert manifest["format_version"] == 2 and manifest["precision"] == precision
+    assert manifest["format_version"] == 3 and manifest["precision"] == precision
     assert manifest["max_sequence_length"] == cfg.language.max_position_embeddings
     assert manifest["source"]["checkpoint"] == str(llada_v.SHIPPED_MODEL_DIR)
     assert len(manifest["source"]["sha256"]) == 64
@@ -155,12 +160,12 @@ def test_manifest_describes_the_folder(engines, reference, precision):
         return [{"name": f"{name}.{i}", "dtype": dtype, "shape": ["batch", lm.num_attention_heads, length, lm.head_dim]}
                 for i in range(lm.num_hidden_layers)]
 
-    assert manifest["parts"]["denoiser_cached"]["inputs"][4:] == [
+    assert manifest["parts"]["denoiser"]["inputs"][4:] == [
         *per_layer("past_keys", "past_sequence"), *per_layer("past_values", "past_sequence"),
         {"name": "past_mask", "dtype": "int64", "shape": ["batch", "past_sequence"]}]
-    for part in ("denoiser_full", "denoiser_cached"):
-        assert manifest["parts"][part]["outputs"][1:] == [*per_layer("present_keys", "sequence"),
+    assert manifest["parts"]["denoiser"]["outputs"][1:] == [*per_layer("present_keys", "sequence"),
                                                           *per_layer("present_values", "sequence")]
+    assert manifest["parts"]["denoiser"]["dims"]["past_sequence"]["min"] == 0  # the full pass
 
     embeddings = load_file(folder / manifest["embeddings"])
     assert embeddings["embed_tokens"].shape == (cfg.language.vocab_size, cfg.language.hidden_size)
@@ -172,7 +177,7 @@ def test_manifest_describes_the_folder(engines, reference, precision):
 
 def test_fp16_graphs_keep_norms_softmax_and_rope_in_float32(engines):
     folder = engines["fp16"]
-    for part, fp32_ops in (("denoiser_full", {"ReduceMean", "Softmax", "Cos", "Sin"}),
+    for part, fp32_ops in (("denoiser", {"ReduceMean", "Softmax", "Cos", "Sin"}),
                            ("vision", {"LayerNormalization", "Softmax"})):
         model = shape_inference.infer_shapes(onnx.load(folder / f"{part}.onnx"))
         types = {v.name: v.type.tensor_type.elem_type
@@ -197,20 +202,18 @@ def test_fp16_engines_on_the_cpu_provider_say_what_the_cpu_does(engines):
         Pipeline.load(engines["fp32"]).close()
 
 
-def test_cached_denoiser_shares_the_full_denoisers_weight_file(engines):
+def test_parts_over_the_threshold_keep_their_weights_in_external_data(engines):
     folder = engines["fp16"]
     parts = load_manifest(folder)["parts"]
-    assert parts["denoiser_full"]["files"] == ["denoiser_full.onnx", "denoiser_full.onnx_data"]
-    assert parts["denoiser_cached"]["files"] == ["denoiser_cached.onnx", "denoiser_full.onnx_data"]
-    assert parts["vision"]["files"] == ["vision.onnx", "vision.onnx_data"]
-    assert not (folder / "denoiser_cached.onnx_data").exists()
-    assert (folder / "denoiser_cached.onnx").stat().st_size < (folder / "denoiser_full.onnx_data").stat().st_size / 10
+    for name in PARTS:
+        assert parts[name]["files"] == [f"{name}.onnx", f"{name}.onnx_data"]
+    assert (folder / "denoiser.onnx").stat().st_size < (folder / "denoiser.onnx_data").stat().st_size / 10
 
 
 def test_fp32_build_keeps_small_parts_in_one_file(engines):
     assert not list(engines["fp32"].glob("*.onnx_data"))
-    assert json.loads((engines["fp32"] / "manifest.json").read_text())["parts"]["denoiser_cached"]["files"] == [
-        "denoiser_cached.onnx"]
+    assert json.loads((engines["fp32"] / "manifest.json").read_text())["parts"]["denoiser"]["files"] == [
+        "denoiser.onnx"]
 
 
 def test_text_only_checkpoint_gives_only_the_denoiser_parts(reference, tmp_path):
@@ -220,7 +223,7 @@ def test_text_only_checkpoint_gives_only_the_denoiser_parts(reference, tmp_path)
     llada_v.save_model(model, tmp_path / "llada", tokenizer_folder=llada_v.SHIPPED_MODEL_DIR)
     out = build_engines(tmp_path / "llada", tmp_path / "engines", "fp32", progress=False)
     manifest = load_manifest(out)
-    assert list(manifest["parts"]) == list(manifest["validation"]) == ["denoiser_full", "denoiser_cached"]
+    assert list(manifest["parts"]) == list(manifest["validation"]) == ["denoiser"]
     assert all(check["passed"] for check in manifest["validation"].values())
     assert list(load_file(out / "embeddings.safetensors")) == ["embed_tokens"]
     assert not list(out.glob("vision*")) and not list(out.glob("projector*"))
@@ -272,10 +275,10 @@ class _FakeTensorRT:
 def test_tensorrt_profile_comes_from_the_spec_table(engines, reference, tmp_path, monkeypatch):
     fake = _FakeTensorRT()
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
-    spec = part_specs(reference.config, "fp16")["denoiser_cached"]
+    spec = part_specs(reference.config, "fp16")["denoiser"]
     ranges = dim_ranges(reference.config)
     cache = tmp_path / trt_build.TIMING_CACHE_FILE
-    trt_build.build_engine(engines["fp16"] / "denoiser_cached.onnx", spec, ranges, tmp_path / "d.plan", cache)
+    trt_build.build_engine(engines["fp16"] / "denoiser.onnx", spec, ranges, tmp_path / "d.plan", cache)
     assert (tmp_path / "d.plan").read_bytes() == b"plan" and cache.read_bytes() == b"timed"
     assert fake.network_flags == 1  # strongly typed
     lm, max_len = reference.config.language, reference.config.language.max_position_embeddings

@@ -57,7 +57,7 @@ def _engines_folder(folder: Path) -> Path:
     """A folder the exporter takes for an engines folder: it has a manifest.json."""
     folder.mkdir(parents=True)
     (folder / "manifest.json").write_text("{}")
-    (folder / "denoiser_full.onnx").write_text("previous build")
+    (folder / "denoiser.onnx").write_text("previous build")
     return folder
 
 
@@ -282,7 +282,7 @@ def test_build_removes_staging_folders_of_gone_processes(tmp_path, run_main):
     alive = tmp_path / f".engines.building-{os.getppid()}-abcdef"
     for staging in (gone, alive):
         staging.mkdir()
-        (staging / "denoiser_full.onnx_data").write_text("gigabytes")
+        (staging / "denoiser.onnx_data").write_text("gigabytes")
     code, err = run_main("--precision", "fp32", "--out", tmp_path / "engines")
     assert code == 0
     assert err.strip().splitlines() == [f"removed {gone}, left by build process 4194305, which is gone"]

@@ -134,6 +134,7 @@ def test_full_pass_writes_given_buffers_and_engines_bind_their_layers(runner, mo
     assert got_keys is keys and got_values is values
     for got, want in zip((logits, keys, values), expected):
         torch.testing.assert_close(got, want, atol=0, rtol=0)
+    full_pass = bound.get("denoiser")
 
     past_mask = mask.clone()
     past_mask[:, 6:10] = 0
@@ -141,10 +142,8 @@ def test_full_pass_writes_given_buffers_and_engines_bind_their_layers(runner, mo
                           past_mask, 6)
     if runner.name != "torch":
         for i in range(lm.num_hidden_layers):
-            assert bound["denoiser_full"][f"present_keys.{i}"] == bound["denoiser_cached"][f"past_keys.{i}"] == (
-                keys[i].data_ptr())
-            assert bound["denoiser_full"][f"present_values.{i}"] == bound["denoiser_cached"][f"past_values.{i}"] == (
-                values[i].data_ptr())
+            assert full_pass[f"present_keys.{i}"] == bound["denoiser"][f"past_keys.{i}"] == keys[i].data_ptr()
+            assert full_pass[f"present_values.{i}"] == bound["denoiser"][f"past_values.{i}"] == values[i].data_ptr()
 
 
 def test_inputs_are_checked(runner):
@@ -224,8 +223,8 @@ def test_folder_without_manifest(engines_dir, tmp_path):
 
 def test_half_written_folder(engines_dir, tmp_path):
     folder = copy_engines(engines_dir, tmp_path)
-    (folder / "denoiser_cached.onnx").unlink()
-    with pytest.raises(ValueError, match="is incomplete: missing denoiser_cached.onnx"):
+    (folder / "denoiser.onnx").unlink()
+    with pytest.raises(ValueError, match="is incomplete: missing denoiser.onnx"):
         Pipeline.load(folder, backend="onnxruntime")
 
 
@@ -234,7 +233,7 @@ def test_other_format_version(engines_dir, tmp_path):
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["format_version"] = 1  # stacked cache tensors
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match="format_version 1, this runtime reads version 2"):
+    with pytest.raises(ValueError, match="format_version 1, this runtime reads version 3"):
         Pipeline.load(folder, backend="onnxruntime")
 
 
@@ -278,9 +277,9 @@ def _rewrite_embeddings(folder, edit):
     (lambda f: _edit_manifest(f, lambda m: m.update(max_sequence_length=0)), "max_sequence_length must be a positive"),
     (lambda f: _edit_manifest(f, lambda m: m.update(precision="fp16")), "is not a fp16 graph though the manifest says"),
     (lambda f: (f / "projector.onnx").write_bytes(b""), "projector.onnx is not the projector graph"),
-    (lambda f: _truncate(f / "denoiser_full.onnx"), "denoiser_full.onnx is not a readable ONNX model"),
-    (lambda f: _swap(f, "denoiser_full.onnx", "denoiser_cached.onnx"), "is not the denoiser_full graph"),
-    (lambda f: _edit_config(f, num_hidden_layers=2), "is not the denoiser_full graph of a 2-layer model"),
+    (lambda f: _truncate(f / "denoiser.onnx"), "denoiser.onnx is not a readable ONNX model"),
+    (lambda f: _swap(f, "denoiser.onnx", "projector.onnx"), "denoiser.onnx is not the denoiser graph"),
+    (lambda f: _edit_config(f, num_hidden_layers=2), "is not the denoiser graph of a 2-layer model"),
     (lambda f: _edit_config(f, hidden_size=96, num_attention_heads=2, num_key_value_heads=2),
      "hidden_size 96: config.json was changed after the build"),
     (lambda f: _edit_config(f, vocab_size=300), "gives logits of width 375 but config.json implies 300"),
