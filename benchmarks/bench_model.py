@@ -52,7 +52,7 @@ def write_checkpoint(folder: Path, seed: int = 0) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_model", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("bench-model"), help="folder for checkpoint/ and engines/")
-    parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
+    parser.add_argument("--precision", choices=("fp32", "fp16", "int8", "int4"), default="fp32",
                         help="engine precision (fp32: ONNX Runtime's CPU kernels are fp32)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="replace an existing --out")

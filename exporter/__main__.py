@@ -42,8 +42,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Export the vision tower, projector and denoiser (full and cached) of a checkpoint to\n"
                     "ONNX, validate each against the float32 PyTorch model with ONNX Runtime on several\n"
                     "input shapes, and write a self-contained engines folder (docs/engines.md).")
-    build.add_argument("--precision", choices=("fp32", "fp16"), default="fp16",
-                       help="precision baked into the graphs (default: fp16; norms, softmax and RoPE stay fp32)")
+    build.add_argument("--precision", choices=("fp32", "fp16", "int8", "int4"), default="fp16",
+                       help="precision baked into the graphs (default: fp16; norms, softmax and RoPE stay fp32); "
+                            "int8/int4: weight-only quantized matmuls (ONNX Runtime's MatMulNBits) on fp32 "
+                            "activations, for --backend onnx")
     build.add_argument("--model", type=Path, metavar="DIR",
                        help="checkpoint folder: config.json, safetensors, tokenizer (default: the shipped tiny model)")
     build.add_argument("--out", type=_output_folder, default=Path("engines"), metavar="DIR",

@@ -29,6 +29,7 @@ import time
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+import onnx
 import torch
 from safetensors.torch import save_file
 
@@ -39,6 +40,7 @@ from llada_v.weights import checkpoint_config, checkpoint_files, copy_tokenizer
 from . import trt_build
 from .manifest import EMBEDDINGS_FILE, MANIFEST_FILE, Manifest, PartEntry, checkpoint_sha256
 from .onnx_export import EXTERNAL_DATA_THRESHOLD, PRECISIONS, TORCH_DTYPES, dim_ranges, export_part, part_specs
+from .quantize import BITS, dequantize_into
 from .trt_build import EngineBuildError
 from .validate import ValidationError, validate_part
 from .wrappers import wrap
@@ -94,6 +96,9 @@ def _check_request(model_dir: Path, out_dir: Path, precision: str, backend: str)
         raise BuildError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if backend not in BACKENDS:
         raise BuildError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if backend == "tensorrt" and precision in BITS:
+        raise BuildError(f"--precision {precision} gives ONNX Runtime's MatMulNBits nodes, which TensorRT's ONNX "
+                         f"parser does not take: use --backend onnx (ONNX Runtime, CPU or CUDA), or fp16 for TensorRT")
     if backend == "tensorrt" and (reason := trt_build.unavailable_reason()):
         raise BuildError(reason)
     if not model_dir.is_dir():
@@ -247,7 +252,7 @@ def _assemble(model_dir: Path, cfg: LladaVConfig, precision: str, backend: str, 
     manifest = Manifest(precision, model_dir.absolute(), cfg.language.max_position_embeddings)
     _export_all(model, cfg, precision, staging, manifest, external_data_threshold, log)
     _write_support_files(model, cfg, model_dir, staging)
-    if precision != "fp32":
+    if PRECISIONS[precision] != "float32":
         del model
         gc.collect()
         with log.step("loading the float32 reference"):
@@ -276,7 +281,7 @@ def _export_all(model: LladaV, cfg: LladaVConfig, precision: str, staging: Path,
         graph = wrap(name, model)
         weight_bytes = sum(p.numel() * p.element_size() for p in graph.parameters())
         with log.step(f"exporting {name}.onnx"):
-            files = export_part(graph, spec, staging, external_data=weight_bytes > external_data_threshold)
+            files = export_part(graph, spec, staging, weight_bytes > external_data_threshold, precision)
         manifest.parts[name] = PartEntry(spec, files, {d: ranges[d] for d in spec.dims})
 
 
@@ -294,6 +299,8 @@ def _validate_all(reference: LladaV, cfg: LladaVConfig, precision: str, staging:
                   log: "_Progress") -> None:
     for name, spec in part_specs(cfg, precision).items():
         with log.step(f"validating {name} with ONNX Runtime") as status:
+            if precision in BITS:  # the reference takes the graph's weights (quantize.py says why)
+                dequantize_into(reference, onnx.load(staging / f"{name}.onnx"))
             result = validate_part(staging / f"{name}.onnx", spec, reference, precision)
             status.note = result.summary()
         manifest.validation[name] = result.to_dict()

@@ -54,8 +54,12 @@ from torch import nn
 
 from llada_v import LladaVConfig
 
+from .quantize import BITS, quantize
+
 OPSET = 17
-PRECISIONS = {"fp32": "float32", "fp16": "float16"}
+# Precision -> dtype of the graphs' activations (and their inputs/outputs). int8/int4 quantize the weights
+# of float32 graphs (quantize.py): ONNX Runtime's CPU MatMulNBits kernels take float32 activations.
+PRECISIONS = {"fp32": "float32", "fp16": "float16", "int8": "float32", "int4": "float32"}
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3  # protobuf's limit on a serialised message
 EXTERNAL_TENSOR_MIN_BYTES = 1024  # smaller tensors stay inside the .onnx file (onnx's default threshold)
@@ -157,8 +161,9 @@ def dim_ranges(cfg: LladaVConfig) -> dict[str, DimRange]:
     return ranges
 
 
-def export_part(graph: nn.Module, spec: PartSpec, out_dir: Path, external_data: bool) -> list[str]:
-    """Write `<spec.name>.onnx` (and its external data) into out_dir; returns the files the part needs."""
+def export_part(graph: nn.Module, spec: PartSpec, out_dir: Path, external_data: bool, precision: str) -> list[str]:
+    """Write `<spec.name>.onnx` (and its external data) into out_dir, its weights quantized for int8/int4;
+    returns the files the part needs."""
     scratch = out_dir / f".{spec.name}.export"
     scratch.mkdir()
     try:
@@ -167,6 +172,8 @@ def export_part(graph: nn.Module, spec: PartSpec, out_dir: Path, external_data: 
         proto = onnx.load(scratch / "model.onnx")
     finally:
         shutil.rmtree(scratch)
+    if precision in BITS:
+        proto = quantize(proto, precision)
     if external_data:
         for tensor in _tensors(proto):
             if tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_TENSOR_MIN_BYTES:

@@ -74,6 +74,11 @@ class SiglipEncoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(SiglipEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
 
 class VisionTower(nn.Module):
     """pixel_values [N, 3, S, S] (normalised tiles) -> features [N, (S/P)^2, C]."""
@@ -85,7 +90,4 @@ class VisionTower(nn.Module):
         self.encoder = SiglipEncoder(cfg)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        x = self.embeddings(pixel_values)
-        for layer in self.encoder.layers:
-            x = layer(x)
-        return x
+        return self.encoder(self.embeddings(pixel_values))

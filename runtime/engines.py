@@ -13,7 +13,8 @@ from llada_v import CheckpointError, LladaVConfig
 from llada_v.weights import inside_folder
 
 FORMAT_VERSION = 3
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+# Precision -> dtype of the graphs' activations; int8/int4 engines quantize only their weights.
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.float32, "int4": torch.float32}
 BUILD_HINT = "rebuild it with `python -m exporter build --out DIR`"
 
 
@@ -102,7 +103,7 @@ def _check_manifest(manifest: dict, path: Path) -> None:
         if key not in manifest:
             raise bad(f"it lacks {key!r}")
     if manifest["precision"] not in DTYPES:
-        raise bad(f"unknown precision {manifest['precision']!r} (expected fp32 or fp16)")
+        raise bad(f"unknown precision {manifest['precision']!r} (expected one of {', '.join(DTYPES)})")
     length = manifest["max_sequence_length"]
     if not isinstance(length, int) or isinstance(length, bool) or length < 1:
         raise bad(f"max_sequence_length must be a positive integer, got {length!r}")
@@ -153,7 +154,7 @@ def _check_graph(engines: EnginesFolder, part: str) -> None:
                          f"(inputs {sorted(inputs)[:6]}, outputs {sorted(outputs)[:6]}): the folder's files were "
                          f"swapped or config.json was changed after the build; {BUILD_HINT}")
     cfg, precision = engines.config, engines.manifest["precision"]
-    expected_dtype = {"fp32": onnx.TensorProto.FLOAT, "fp16": onnx.TensorProto.FLOAT16}[precision]
+    expected_dtype = {torch.float32: onnx.TensorProto.FLOAT, torch.float16: onnx.TensorProto.FLOAT16}[DTYPES[precision]]
     typed = outputs["features"] if part == "vision" else inputs["features" if part == "projector" else "inputs_embeds"]
     if typed.type.tensor_type.elem_type != expected_dtype:
         raise ValueError(f"{path} is not a {precision} graph though the manifest says precision {precision!r}: "

@@ -1,0 +1,100 @@
+"""Weight-only int8 / int4 parts: ONNX Runtime's own MatMulNBits quantizer, and its inverse for validation.
+
+`quantize` runs `onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer` on a float32
+graph: every MatMul whose second input is a weight (projections, MLP, the vocabulary head; not the
+attention products, whose operands are activations) becomes a `MatMulNBits` node with the weight in
+blocks of BLOCK_SIZE along the input dimension, each block one fp32 scale, symmetric (no zero
+points). Norms, softmax, RoPE and the token embedding are not MatMuls with weights, so they stay as
+they were (float32). `accuracy_level` 4 lets the CPU kernel quantize each activation block to int8
+and multiply in integers: measured on a random 8-layer, hidden-1024 denoiser (ONNX Runtime 1.32,
+2-core AMD EPYC, 32 queries against a 900-position cache), int8 took 37 ms a pass at level 4 against
+152 ms at the default level and 48 ms in fp32; int4 43 ms against 51 ms.
+
+Validation (`dequantize_into`): the quantized weights, dequantized, are written into the float32
+reference model, so the check compares the graph's arithmetic with the same weights: a graph whose
+weights were packed or placed wrong fails it, while the quantization's own effect on answers is what
+the benchmarks measure (held-out accuracy, token agreement). The tolerance (validate.REL_TOL) covers
+accuracy level 4's int8 activations.
+
+Unpacking MatMulNBits' blobs is written here because ONNX Runtime exposes no Python dequantizer for
+them; the layout is the operator's (contrib op MatMulNBits): B uint8 [N, K / block, block * bits / 8],
+for 4 bits two values per byte, the first in the low nibble; scales [N, K / block]; without zero
+points the zero point is 2^(bits - 1).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+BITS = {"int8": 8, "int4": 4}
+BLOCK_SIZE = 32
+ACCURACY_LEVEL = 4
+QUANTIZED_OP = "MatMulNBits"
+
+
+class QuantizationError(RuntimeError):
+    """A quantized graph does not map back onto the PyTorch model it was exported from."""
+
+
+def quantize(proto: onnx.ModelProto, precision: str) -> onnx.ModelProto:
+    """The float32 graph with its weight MatMuls quantized to BITS[precision] bits."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    config = DefaultWeightOnlyQuantConfig(block_size=BLOCK_SIZE, is_symmetric=True, accuracy_level=ACCURACY_LEVEL,
+                                          bits=BITS[precision])
+    quantizer_log = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level = quantizer_log.level
+    quantizer_log.setLevel(logging.WARNING)  # it logs every node it visits at INFO
+    try:
+        quantizer = MatMulNBitsQuantizer(proto, algo_config=config)
+        quantizer.process()
+    finally:
+        quantizer_log.setLevel(level)
+    return quantizer.model.model
+
+
+def dequantize_into(model: nn.Module, proto: onnx.ModelProto) -> int:
+    """Write every MatMulNBits weight of `proto`, dequantized, into the nn.Linear of `model` it was exported
+    from; returns how many. The exporter names a node after its module's scope, e.g.
+    `/denoiser/layers.0/self_attn/q_proj/MatMul`, and the quantizer appends `_Q4` / `_Q8`."""
+    initializers = {t.name: t for t in proto.graph.initializer}
+    modules = dict(model.named_modules())
+    count = 0
+    for node in proto.graph.node:
+        if node.op_type != QUANTIZED_OP:
+            continue
+        path = node.name.strip("/").rsplit("/", 1)[0].replace("/", ".")
+        linear = modules.get(path)
+        if not isinstance(linear, nn.Linear):
+            raise QuantizationError(f"quantized node {node.name} names no linear layer of the model ({path!r})")
+        weight = _dequantize(node, initializers)
+        if weight.shape != tuple(linear.weight.shape):
+            raise QuantizationError(f"quantized node {node.name} holds a {weight.shape} weight, {path} has "
+                                    f"{tuple(linear.weight.shape)}")
+        with torch.no_grad():
+            linear.weight.copy_(torch.from_numpy(weight))
+        count += 1
+    return count
+
+
+def _dequantize(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> np.ndarray:
+    """The float32 weight [N, K] of a symmetric MatMulNBits node."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    k, n, bits, block = attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]
+    if len(node.input) > 3 and node.input[3]:
+        raise QuantizationError(f"{node.name} has zero points; this project quantizes symmetrically")
+    packed = numpy_helper.to_array(initializers[node.input[1]])
+    scales = numpy_helper.to_array(initializers[node.input[2]]).astype(np.float32).reshape(n, -1)
+    if bits == 4:
+        levels = np.stack((packed & 0x0F, packed >> 4), axis=-1).reshape(n, -1)
+    else:
+        levels = packed.reshape(n, -1)
+    zero_point = 1 << (bits - 1)
+    weight = (levels.astype(np.float32) - zero_point).reshape(n, -1, block) * scales[:, :, None]
+    return weight.reshape(n, -1)[:, :k]

@@ -1,0 +1,112 @@
+"""int8 / int4 engines: ONNX Runtime's MatMulNBits on the weight matmuls only, validated against the reference
+holding the graph's own weights, refused where they cannot run, answered by the runtime."""
+
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, numpy_helper, shape_inference
+
+import llada_v
+from benchmarks.demo_model.data import load_examples
+from benchmarks.demo_model.evaluate import runtime_predictor
+from exporter import build_engines, load_manifest
+from exporter.build import BuildError
+from exporter.onnx_export import part_specs
+from exporter.quantize import BITS, BLOCK_SIZE, QUANTIZED_OP, dequantize_into, quantize
+from exporter.validate import validate_part
+from exporter.onnx_export import _trace_to_onnx
+from exporter.wrappers import wrap
+
+QUANTIZED = list(BITS)
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quantized")
+    return {p: build_engines(None, root / p, p, progress=False) for p in ["fp32", *QUANTIZED]}
+
+
+@pytest.mark.parametrize("precision", QUANTIZED)
+def test_weight_matmuls_are_quantized_and_the_rest_stays_float32(quantized, precision):
+    manifest = load_manifest(quantized[precision])
+    assert manifest["precision"] == precision
+    assert all(check["passed"] for check in manifest["validation"].values())
+    model = shape_inference.infer_shapes(onnx.load(quantized[precision] / "denoiser.onnx"))
+    nodes = model.graph.node
+    quantized_nodes = [n for n in nodes if n.op_type == QUANTIZED_OP]
+    lm = llada_v.load_model(llada_v.SHIPPED_MODEL_DIR).config.language
+    assert len(quantized_nodes) == 7 * lm.num_hidden_layers + 1  # q, k, v, o, gate, up, down per layer; the head
+    for node in quantized_nodes:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs["bits"] == BITS[precision] and attrs["block_size"] == BLOCK_SIZE
+    types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.input]}
+    types.update({t.name: t.data_type for t in model.graph.initializer})
+    for node in nodes:  # the attention products (activations by activations) stay float matmuls
+        if node.op_type in ("MatMul", "Softmax", "ReduceMean", "Cos", "Sin"):
+            assert types[node.input[0]] == TensorProto.FLOAT, node.name
+    scales = {n.input[2] for n in quantized_nodes}
+    floats = [t for t in model.graph.initializer
+              if t.data_type == TensorProto.FLOAT and len(t.dims) == 2 and t.name not in scales]
+    assert not floats, f"float weight matrices left: {[t.name for t in floats][:4]}"
+
+
+def test_quantized_folders_are_smaller(quantized):
+    def weight_bytes(folder):
+        return sum(p.stat().st_size for p in folder.glob("*.onnx*"))
+
+    fp32, int8, int4 = (weight_bytes(quantized[p]) for p in ("fp32", "int8", "int4"))
+    assert int4 < int8 < 0.5 * fp32
+
+
+@pytest.mark.parametrize("precision", QUANTIZED)
+def test_dequantized_weights_are_the_quantizers_rounding_of_the_originals(precision, tmp_path):
+    """dequantize_into reads the blobs back onto each block's grid: a step is the block's largest |weight| over
+    2^(bits-1); rounding is off by a quarter step on average and never more than a step (the largest
+    positive value clips to 2^(bits-1) - 1 levels)."""
+    model = llada_v.load_model(llada_v.SHIPPED_MODEL_DIR)
+    spec = part_specs(model.config, precision)["projector"]
+    original = {n: p.detach().clone() for n, p in model.projector.named_parameters()}
+    _trace_to_onnx(wrap("projector", model), spec, tmp_path / "projector.onnx")
+    proto = quantize(onnx.load(tmp_path / "projector.onnx"), precision)
+    assert dequantize_into(model, proto) == 2
+    for name, param in model.projector.named_parameters():
+        if param.dim() != 2:
+            continue
+        blocks = original[name].reshape(param.shape[0], -1, BLOCK_SIZE)
+        step = blocks.abs().amax(-1, keepdim=True) / (1 << (BITS[precision] - 1))
+        err = (param.detach().reshape(blocks.shape) - blocks).abs() / step
+        assert err.max() <= 1 + 1e-4 and 0.2 < err.mean() < 0.3, name
+        assert not torch.equal(param, original[name])
+
+
+def test_validation_fails_on_a_weight_put_in_the_wrong_place(quantized, tmp_path):
+    """Two layers' quantized q_proj weights swapped: the graph runs, and validation catches it."""
+    path = quantized["int8"] / "denoiser.onnx"
+    proto = onnx.load(path)
+    by_name = {t.name: t for t in proto.graph.initializer}
+    q_proj = [n for n in proto.graph.node if n.op_type == QUANTIZED_OP and "q_proj" in n.name]
+    first, second = (by_name[n.input[1]] for n in q_proj[:2])
+    a, b = numpy_helper.to_array(first), numpy_helper.to_array(second)
+    first.CopyFrom(numpy_helper.from_array(b, first.name))
+    second.CopyFrom(numpy_helper.from_array(a, second.name))
+    onnx.save(proto, tmp_path / "denoiser.onnx")
+    reference = llada_v.load_model(llada_v.SHIPPED_MODEL_DIR)
+    dequantize_into(reference, onnx.load(path))  # the weights the build quantized, in their right places
+    spec = part_specs(reference.config, "int8")["denoiser"]
+    assert validate_part(path, spec, reference, "int8").passed
+    result = validate_part(tmp_path / "denoiser.onnx", spec, reference, "int8")
+    assert not result.passed and "failed validation" in result.summary()
+
+
+def test_quantized_engines_cannot_go_to_tensorrt(tmp_path):
+    with pytest.raises(BuildError, match="MatMulNBits.*TensorRT.*--backend onnx"):
+        build_engines(None, tmp_path / "engines", "int4", backend="tensorrt", progress=False)
+    assert not (tmp_path / "engines").exists()
+
+
+@pytest.mark.parametrize("precision", QUANTIZED)
+def test_quantized_engines_answer_held_out_questions(quantized, precision):
+    """Colour and count questions are answered perfectly at every precision (benchmarks measure the rest)."""
+    examples = [e for e in load_examples(limit=40) if e.kind in ("colour", "count")][:6]
+    predict = runtime_predictor(quantized[precision], backend="onnxruntime")
+    assert predict(examples) == [e.answer for e in examples]
