@@ -21,8 +21,9 @@ exit codes:
   1    a part failed validation against PyTorch, or TensorRT failed to build it
   2    bad input: missing or malformed checkpoint, unknown option value, an --out that may not be
        replaced (engines without --force, other files, a symbolic link) or cannot be written
-       (permissions, disk full), another build into --out running, or --backend tensorrt without
-       an NVIDIA GPU and the tensorrt package
+       (permissions, less disk free than the weights need, disk full), another build into --out
+       running, --backend tensorrt without an NVIDIA GPU and the tensorrt package, or with
+       --precision int8/int4
   130  interrupted (Ctrl-C)
 """
 

@@ -114,7 +114,24 @@ def _check_request(model_dir: Path, out_dir: Path, precision: str, backend: str)
         checkpoint_files(model_dir)  # reads the safetensors headers: missing, truncated or foreign files
     except CheckpointError as err:
         raise BuildError(str(err)) from err
+    _check_disk(cfg, precision, out_dir)
     return cfg
+
+
+def _check_disk(cfg: LladaVConfig, precision: str, out_dir: Path) -> None:
+    """Refuse up front when the disk cannot hold the build: at its peak it holds the finished parts and the
+    largest part's traced graph, all in the export dtype (int8/int4 are traced in float32, then quantized),
+    plus the embedding table; 10% on top for the graphs' structure and the tokenizer."""
+    with torch.device("meta"):
+        params = sum(p.numel() for p in LladaV(cfg).parameters())
+    bytes_per_weight = TORCH_DTYPES[PRECISIONS[precision]].itemsize
+    needed = 1.1 * params * bytes_per_weight
+    folder = next(folder for folder in out_dir.parents if folder.exists())
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise BuildError(f"the build needs about {needed / 1e9:.1f} GB free at {folder} ({params / 1e9:.2f}B "
+                         f"weights at {bytes_per_weight} bytes while they are exported), {free / 1e9:.1f} GB are "
+                         f"free: free some space or choose another --out; nothing was written")
 
 
 def _check_out_path(out_dir: Path) -> None:
@@ -251,7 +268,7 @@ def _assemble(model_dir: Path, cfg: LladaVConfig, precision: str, backend: str, 
         model = _load(model_dir, TORCH_DTYPES[PRECISIONS[precision]])
     manifest = Manifest(precision, model_dir.absolute(), cfg.language.max_position_embeddings)
     _export_all(model, cfg, precision, staging, manifest, external_data_threshold, log)
-    _write_support_files(model, cfg, model_dir, staging)
+    _write_support_files(model, cfg, precision, model_dir, staging)
     if PRECISIONS[precision] != "float32":
         del model
         gc.collect()
@@ -285,9 +302,11 @@ def _export_all(model: LladaV, cfg: LladaVConfig, precision: str, staging: Path,
         manifest.parts[name] = PartEntry(spec, files, {d: ranges[d] for d in spec.dims})
 
 
-def _write_support_files(model: LladaV, cfg: LladaVConfig, model_dir: Path, staging: Path) -> None:
-    """Embeddings (in the engines' precision), config and tokenizer: what the runtime needs besides the parts."""
-    tensors = {"embed_tokens": model.denoiser.embed_tokens.weight}
+def _write_support_files(model: LladaV, cfg: LladaVConfig, precision: str, model_dir: Path, staging: Path) -> None:
+    """Embeddings (in the engines' precision; int8/int4 keep the table in fp16, half an 8B model's 2 GB of
+    float32 rows), config and tokenizer: what the runtime needs besides the parts."""
+    table = model.denoiser.embed_tokens.weight
+    tensors = {"embed_tokens": table.half() if precision in BITS else table}
     if cfg.has_vision:
         tensors["image_newline"] = model.image_newline
     save_file({k: v.detach().contiguous() for k, v in tensors.items()}, staging / EMBEDDINGS_FILE)

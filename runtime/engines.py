@@ -35,15 +35,14 @@ class EnginesFolder:
         return None if name is None else self.folder / name
 
     def load_embeddings(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """embed_tokens [V, C] and image_newline [C] (None for a text-only model), on `device`; their
-        presence and shapes were checked by open_engines."""
+        """embed_tokens [V, C] in its stored dtype and image_newline [C] (None for a text-only model) in the
+        engines' dtype, on `device`; their presence and shapes were checked by open_engines."""
         from safetensors import safe_open
 
         with safe_open(self.folder / self.manifest["embeddings"], "pt", device="cpu") as f:
             table = f.get_tensor("embed_tokens")
             newline = f.get_tensor("image_newline") if self.config.has_vision else None
-        to = dict(device=device, dtype=self.dtype)
-        return table.to(**to), None if newline is None else newline.to(**to)
+        return table.to(device), None if newline is None else newline.to(device=device, dtype=self.dtype)
 
 
 def open_engines(folder: str | Path) -> EnginesFolder:

@@ -18,12 +18,12 @@ import torch
 from .engines import open_engines
 from .runner import Runner, empty_cache, per_layer, resolve_device
 
-# Measured on the benchmark model (2 x 29 MB of fp32 denoiser weights): fp32 engines +183 MB at load, fp16
-# engines +181 MB, though their files are half the size.
+# Measured on the benchmark model (two denoiser sessions then, 2 x 29 MB of fp32 weights): fp32 engines +183 MB
+# at load, fp16 engines +181 MB, though their files are half the size.
 CPU_FP16_WARNING = ("fp16 engines on ONNX Runtime's CPU provider: it has few fp16 kernels, so it runs these "
-                    "graphs in fp32 and keeps an fp32 copy of the weights in each session: they take as much "
-                    "memory as fp32 engines. On a CPU build fp32 engines "
-                    "(`python -m exporter build --precision fp32`); fp16 is for CUDA and TensorRT.")
+                    "graphs in fp32 and keeps an fp32 copy of the weights: they take as much memory as fp32 "
+                    "engines. On a CPU build fp32 engines (`python -m exporter build --precision fp32`), or int8 / "
+                    "int4 for less memory; fp16 is for CUDA and TensorRT.")
 
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}

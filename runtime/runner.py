@@ -68,10 +68,10 @@ class Runner(ABC):
     # ---- the parts --------------------------------------------------------------------------------
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids int64 [...] -> embeddings [..., C] in the runner's dtype."""
+        """ids int64 [...] -> embeddings [..., C] in the runner's dtype (int8/int4 engines store the table in fp16)."""
         self._check_active("embed")
         self._check("ids", ids, torch.int64)
-        return F.embedding(ids, self.embed_table)
+        return F.embedding(ids, self.embed_table).to(self.dtype)
 
     def vision(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values float32 [N, 3, S, S] -> features [N, T, Cv]."""

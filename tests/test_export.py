@@ -195,7 +195,7 @@ def test_fp16_engines_on_the_cpu_provider_say_what_the_cpu_does(engines):
     from runtime import Pipeline
     from runtime.ort_runner import OnnxRuntimeRunner
 
-    with pytest.warns(UserWarning, match="fp32 copy of the weights in each session"):
+    with pytest.warns(UserWarning, match="keeps an fp32 copy of the weights"):
         OnnxRuntimeRunner(engines["fp16"])
     with warnings.catch_warnings():
         warnings.simplefilter("error")

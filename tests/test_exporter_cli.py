@@ -88,7 +88,7 @@ def test_missing_model_folder_is_one_line_and_exit_2(tmp_path):
 def test_help_documents_defaults_and_exit_codes(tmp_path):
     result = _cli(["build", "--help"], cwd=tmp_path)
     assert result.returncode == 0
-    for text in ("--precision {fp32,fp16}", "./engines", "shipped", "exit codes", "validation", "'.[gpu]'"):
+    for text in ("--precision {fp32,fp16,int8,int4}", "MatMulNBits", "./engines", "shipped", "exit codes", "validation", "'.[gpu]'"):
         assert text in result.stdout
 
 
@@ -371,3 +371,14 @@ def test_defaults_are_the_shipped_model_fp16_onnx_and_engines_here(tmp_path, mon
     assert main(["build", "--quiet"]) == 2
     assert seen == {"model_dir": llada_v.SHIPPED_MODEL_DIR, "out_dir": tmp_path / "engines",
                     "precision": "fp16", "backend": "onnx"}
+
+
+def test_not_enough_disk_is_refused_before_anything_is_written(tmp_path, run_main, monkeypatch):
+    import exporter.build
+
+    real = exporter.build.shutil.disk_usage
+    monkeypatch.setattr(exporter.build.shutil, "disk_usage", lambda path: real(path)._replace(free=10_000))
+    code, err = run_main("--precision", "fp32", "--out", tmp_path / "deep" / "engines")
+    assert code == 2
+    assert "the build needs about" in err and "GB are free: free some space or choose another --out" in err
+    assert list(tmp_path.iterdir()) == []

@@ -1,6 +1,7 @@
 """int8 / int4 engines: ONNX Runtime's MatMulNBits on the weight matmuls only, validated against the reference
 holding the graph's own weights, refused where they cannot run, answered by the runtime."""
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -110,3 +111,16 @@ def test_quantized_engines_answer_held_out_questions(quantized, precision):
     examples = [e for e in load_examples(limit=40) if e.kind in ("colour", "count")][:6]
     predict = runtime_predictor(quantized[precision], backend="onnxruntime")
     assert predict(examples) == [e.answer for e in examples]
+
+
+def test_quantized_engines_keep_the_embedding_table_in_fp16(quantized):
+    from safetensors.numpy import load_file
+
+    from runtime.ort_runner import OnnxRuntimeRunner
+
+    stored = load_file(quantized["int4"] / "embeddings.safetensors")
+    assert stored["embed_tokens"].dtype == np.float16 and stored["image_newline"].dtype == np.float32
+    with OnnxRuntimeRunner(quantized["int4"]) as runner:
+        rows = runner.embed(torch.tensor([[3, 7]]))
+    assert rows.dtype == torch.float32
+    assert torch.equal(rows[0], torch.from_numpy(stored["embed_tokens"][[3, 7]]).float())
