@@ -6,8 +6,9 @@ dimension 128, as many layers as heads, MLP 3x the width, the vocabulary scaled 
 embedding and head stay 13% of the parameters as in LLaDA-8B; bf16 safetensors shards in the released
 layout, written tensor by tensor), then per precision, each phase in its own process so that its peak
 RSS is its own:
-- build: `python -m exporter build --precision P --model CKPT`; peak RSS over the engines' weight bytes,
-  seconds per GB of engines weights, and the build's own per-step seconds.
+- build: `exporter.build_engines` (what `python -m exporter build --precision P --model CKPT` runs); peak RSS
+  over the engines' weight bytes, seconds per GB of engines weights, and per step its seconds and the
+  largest RSS sampled while it ran.
 - serve: `Pipeline.load(engines, "onnxruntime")` and one text generation (dual cache); RSS after loading
   and at the end over the engines' weight bytes; the KV cache's bytes are reported separately.
 Projection to 8B: LLaDA-8B's 8.0e9 parameters in the same precision, times the measured ratio.
@@ -127,19 +128,35 @@ def engines_weight_bytes(folder: Path) -> int:
 
 
 def phase_build(checkpoint: Path, engines: Path, precision: str) -> dict:
-    """One build, in this process; stderr keeps the build's progress lines, whose step times are parsed."""
+    """One build, in this process. Its progress lines are parsed for each step's seconds, and a sampling thread
+    attributes the resident memory it sees every 50 ms to the step then running (the one whose line is open)."""
     import contextlib
     import io
+    import threading
 
     from exporter.build import build_engines
 
-    log = io.StringIO()
+    log, step_peaks, done = io.StringIO(), {}, threading.Event()
+
+    def sample():
+        while not done.wait(0.05):
+            lines = log.getvalue().splitlines()
+            if lines and lines[-1].endswith(" ..."):
+                step = lines[-1][:-4]
+                step_peaks[step] = max(step_peaks.get(step, 0), rss())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     start = time.perf_counter()
-    with contextlib.redirect_stderr(log):
-        build_engines(checkpoint, engines, precision, force=True)
+    try:
+        with contextlib.redirect_stderr(log):
+            build_engines(checkpoint, engines, precision, force=True)
+    finally:
+        done.set()
+        sampler.join()
     seconds = time.perf_counter() - start
     steps = {m[1]: float(m[2]) for m in re.finditer(r"^(.+?) \.\.\. ([0-9.]+) s", log.getvalue(), re.MULTILINE)}
-    return {"seconds": seconds, "peak_rss": peak_rss(), "steps": steps}
+    return {"seconds": seconds, "peak_rss": peak_rss(), "steps": steps, "step_peak_rss": step_peaks}
 
 
 def phase_serve(engines: Path) -> dict:
@@ -203,6 +220,7 @@ def summarize(cfg, params: float, precision: str, weights: int, build: dict, ser
             "build_seconds": build["seconds"], "build_seconds_per_gb": build["seconds"] / (weights / gb),
             "build_peak_rss_gb": build["peak_rss"] / gb, "build_peak_over_weights": build_ratio,
             "build_steps": build["steps"],
+            "build_step_peak_rss_gb": {step: rss / gb for step, rss in build["step_peak_rss"].items()},
             "serve_load_seconds": serve["load_seconds"], "serve_loaded_over_weights": serve_ratio,
             "serve_peak_rss_gb": serve["peak_rss"] / gb, "serve_peak_over_weights": serve["peak_rss"] / weights,
             "kv_cache_mb": serve["kv_cache_bytes"] / 1e6, "generate_seconds": serve["generate_seconds"],

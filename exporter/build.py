@@ -4,9 +4,8 @@ manifest.
 
 The folder is assembled in a hidden staging folder beside `out_dir` and renamed into place only when
 everything succeeded; on any failure (interrupt included) the staging folder is removed and an
-existing `out_dir` is left as it was. Every part is exported before any is validated so that the
-export-precision model can be freed before the float32 reference is loaded (two full copies of an
-8B model plus an ONNX Runtime session would not fit otherwise).
+existing `out_dir` is left as it was. The build holds one large thing at a time (see _assemble): two
+full copies of an 8B model, or a model and an ONNX Runtime session, would not fit where it must run.
 
 Beside `out_dir` (named after it, all hidden): `.<out>.lock`, held with flock for the whole build;
 `.<out>.building-<pid>-<hex>`, the staging folder; `.<out>.old`, the previous folder while the new one
@@ -39,11 +38,12 @@ from llada_v.weights import checkpoint_config, checkpoint_files, copy_tokenizer
 
 from . import trt_build
 from .manifest import EMBEDDINGS_FILE, MANIFEST_FILE, Manifest, PartEntry, checkpoint_sha256
-from .onnx_export import EXTERNAL_DATA_THRESHOLD, PRECISIONS, TORCH_DTYPES, dim_ranges, export_part, part_specs
-from .quantize import BITS, dequantize_into
+from .onnx_export import (EXTERNAL_DATA_THRESHOLD, PRECISIONS, TORCH_DTYPES, dim_ranges, finish_part, part_specs,
+                          trace_part)
+from .quantize import BITS, BLOCK_SIZE, dequantize_into
 from .trt_build import EngineBuildError
-from .validate import ValidationError, validate_part
-from .wrappers import wrap
+from .validate import ValidationError, check_part, reference_cases
+from .wrappers import transpose_linear_weights, wrap
 
 BACKENDS = ("onnx", "tensorrt")
 
@@ -85,6 +85,12 @@ def build_engines(model_dir: Path | None, out_dir: Path, precision: str = "fp16"
     except OSError as err:
         hint = "free some space or choose another --out" if err.errno == errno.ENOSPC else "choose another --out"
         raise BuildError(f"cannot write the engines folder {out_dir} ({err}): {hint}; nothing was written") from err
+    except MemoryError as err:
+        # The largest thing the build holds is the float32 reference (4 bytes a weight), or the float32 model
+        # being traced for fp32/int8/int4; benchmarks/scale.py measures the peak per step.
+        raise BuildError(f"ran out of memory building the engines of {model_dir}: the build needs about "
+                         f"{_weight_count(cfg) * 4 * 1.4 / 1e9:.0f} GB of memory (1.4x the float32 weights); free "
+                         f"memory or build on a larger machine; nothing was written") from err
     log.line(f"built {out_dir} ({precision}, {backend}: {', '.join(manifest.parts)}) "
              f"in {time.perf_counter() - start:.1f} s")
     return out_dir
@@ -118,20 +124,29 @@ def _check_request(model_dir: Path, out_dir: Path, precision: str, backend: str)
     return cfg
 
 
+# Bytes a weight takes in the finished engines (int8/int4: the levels and one fp32 scale per block of 32).
+ENGINE_BYTES_PER_WEIGHT = {"fp32": 4, "fp16": 2, "int8": 1 + 4 / BLOCK_SIZE, "int4": 0.5 + 4 / BLOCK_SIZE}
+
+
 def _check_disk(cfg: LladaVConfig, precision: str, out_dir: Path) -> None:
-    """Refuse up front when the disk cannot hold the build: at its peak it holds the finished parts and the
-    largest part's traced graph, all in the export dtype (int8/int4 are traced in float32, then quantized),
-    plus the embedding table; 10% on top for the graphs' structure and the tokenizer."""
-    with torch.device("meta"):
-        params = sum(p.numel() for p in LladaV(cfg).parameters())
-    bytes_per_weight = TORCH_DTYPES[PRECISIONS[precision]].itemsize
-    needed = 1.1 * params * bytes_per_weight
+    """Refuse up front when the disk cannot hold the build: at its peak a part's traced graph (in the export
+    dtype; int8/int4 are traced in float32) and its finished files are both on disk; 10% on top for the
+    embedding table, the graphs' structure and the tokenizer."""
+    params = _weight_count(cfg)
+    traced = TORCH_DTYPES[PRECISIONS[precision]].itemsize
+    needed = 1.1 * params * (traced + ENGINE_BYTES_PER_WEIGHT[precision])
     folder = next(folder for folder in out_dir.parents if folder.exists())
     free = shutil.disk_usage(folder).free
     if free < needed:
         raise BuildError(f"the build needs about {needed / 1e9:.1f} GB free at {folder} ({params / 1e9:.2f}B "
-                         f"weights at {bytes_per_weight} bytes while they are exported), {free / 1e9:.1f} GB are "
-                         f"free: free some space or choose another --out; nothing was written")
+                         f"weights, traced at {traced} bytes each and written at "
+                         f"{ENGINE_BYTES_PER_WEIGHT[precision]:g}), {free / 1e9:.1f} GB are free: free some space "
+                         f"or choose another --out; nothing was written")
+
+
+def _weight_count(cfg: LladaVConfig) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in LladaV(cfg).parameters())
 
 
 def _check_out_path(out_dir: Path) -> None:
@@ -263,18 +278,31 @@ def _staging_folder(out_dir: Path):
 
 def _assemble(model_dir: Path, cfg: LladaVConfig, precision: str, backend: str, staging: Path, out_dir: Path,
               external_data_threshold: int, log: "_Progress") -> Manifest:
-    """Write the whole engines folder into staging; returns its manifest (saved there too)."""
+    """Write the whole engines folder into staging; returns its manifest (saved there too).
+
+    One large thing in memory at a time: the export-precision model while the parts are traced, then one
+    part's graph while it is written (quantized), then the float32 reference while it computes the
+    expected outputs, then one ONNX Runtime session while it is compared with them."""
+    specs = part_specs(cfg, precision)
     with log.step(f"loading {model_dir} ({precision})"):
         model = _load(model_dir, TORCH_DTYPES[PRECISIONS[precision]])
-    manifest = Manifest(precision, model_dir.absolute(), cfg.language.max_position_embeddings)
-    _export_all(model, cfg, precision, staging, manifest, external_data_threshold, log)
+        transpose_linear_weights(model)
+    traced = {}
+    for name, spec in specs.items():
+        graph = wrap(name, model)
+        weight_bytes = sum(p.numel() * p.element_size() for p in graph.parameters())
+        with log.step(f"tracing {name}"):
+            traced[name] = trace_part(graph, spec, staging), weight_bytes > external_data_threshold
     _write_support_files(model, cfg, precision, model_dir, staging)
-    if PRECISIONS[precision] != "float32":
-        del model
-        gc.collect()
-        with log.step("loading the float32 reference"):
-            model = _load(model_dir, torch.float32)
-    _validate_all(model, cfg, precision, staging, manifest, log)
+    del model, graph
+    gc.collect()
+    manifest = Manifest(precision, model_dir.absolute(), cfg.language.max_position_embeddings)
+    ranges = dim_ranges(cfg)
+    for name, (path, external) in traced.items():
+        with log.step(f"writing {name}.onnx" + (f" ({precision} weights)" if precision in BITS else "")):
+            files = finish_part(path, specs[name], staging, external, precision)
+        manifest.parts[name] = PartEntry(specs[name], files, {d: ranges[d] for d in specs[name].dims})
+    _validate_all(model_dir, specs, precision, staging, manifest, log)
     if backend == "tensorrt":
         _build_plans(cfg, staging, out_dir, manifest, log)
     with log.step("hashing the checkpoint's weights"):
@@ -291,17 +319,6 @@ def _load(model_dir: Path, dtype: torch.dtype) -> LladaV:
         raise BuildError(str(err)) from err
 
 
-def _export_all(model: LladaV, cfg: LladaVConfig, precision: str, staging: Path, manifest: Manifest,
-                external_data_threshold: int, log: "_Progress") -> None:
-    ranges = dim_ranges(cfg)
-    for name, spec in part_specs(cfg, precision).items():
-        graph = wrap(name, model)
-        weight_bytes = sum(p.numel() * p.element_size() for p in graph.parameters())
-        with log.step(f"exporting {name}.onnx"):
-            files = export_part(graph, spec, staging, weight_bytes > external_data_threshold, precision)
-        manifest.parts[name] = PartEntry(spec, files, {d: ranges[d] for d in spec.dims})
-
-
 def _write_support_files(model: LladaV, cfg: LladaVConfig, precision: str, model_dir: Path, staging: Path) -> None:
     """Embeddings (in the engines' precision; int8/int4 keep the table in fp16, half an 8B model's 2 GB of
     float32 rows), config and tokenizer: what the runtime needs besides the parts."""
@@ -314,13 +331,23 @@ def _write_support_files(model: LladaV, cfg: LladaVConfig, precision: str, model
     copy_tokenizer(model_dir, staging)
 
 
-def _validate_all(reference: LladaV, cfg: LladaVConfig, precision: str, staging: Path, manifest: Manifest,
+def _validate_all(model_dir: Path, specs: dict, precision: str, staging: Path, manifest: Manifest,
                   log: "_Progress") -> None:
-    for name, spec in part_specs(cfg, precision).items():
-        with log.step(f"validating {name} with ONNX Runtime") as status:
+    """The float32 reference computes every part's expected outputs first and is freed; then each part's
+    ONNX Runtime session is compared with them, one session at a time."""
+    with log.step("loading the float32 reference"):
+        reference = _load(model_dir, torch.float32)
+    cases = {}
+    for name, spec in specs.items():
+        with log.step(f"running the float32 reference for {name}"):
             if precision in BITS:  # the reference takes the graph's weights (quantize.py says why)
                 dequantize_into(reference, onnx.load(staging / f"{name}.onnx"))
-            result = validate_part(staging / f"{name}.onnx", spec, reference, precision)
+            cases[name] = reference_cases(spec, reference)
+    del reference
+    gc.collect()
+    for name, spec in specs.items():
+        with log.step(f"validating {name} with ONNX Runtime") as status:
+            result = check_part(staging / f"{name}.onnx", spec, cases[name], precision)
             status.note = result.summary()
         manifest.validation[name] = result.to_dict()
         if not result.passed:

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import onnx
 import torch
-from onnx.external_data_helper import ExternalDataInfo, set_external_data, uses_external_data
+from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 from torch import nn
 
 from llada_v import LladaVConfig
@@ -161,26 +161,80 @@ def dim_ranges(cfg: LladaVConfig) -> dict[str, DimRange]:
     return ranges
 
 
-def export_part(graph: nn.Module, spec: PartSpec, out_dir: Path, external_data: bool, precision: str) -> list[str]:
-    """Write `<spec.name>.onnx` (and its external data) into out_dir, its weights quantized for int8/int4;
-    returns the files the part needs."""
+def trace_part(graph: nn.Module, spec: PartSpec, out_dir: Path) -> Path:
+    """Trace the part into a scratch folder in out_dir (`.<part>.export/model.onnx`); returns that file. Above
+    2 GB the exporter itself writes one external file per tensor beside it. finish_part turns it into the
+    part's files, so the PyTorch model can be freed in between."""
     scratch = out_dir / f".{spec.name}.export"
     scratch.mkdir()
     try:
-        # Above 2 GB the exporter itself writes one external file per tensor beside its output.
         _trace_to_onnx(graph, spec, scratch / "model.onnx")
-        proto = onnx.load(scratch / "model.onnx")
-    finally:
+    except BaseException:
         shutil.rmtree(scratch)
-    if precision in BITS:
-        proto = quantize(proto, precision)
-    if external_data:
-        for tensor in _tensors(proto):
-            if tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_TENSOR_MIN_BYTES:
-                set_external_data(tensor, f"{spec.name}.onnx_data")
-    path = out_dir / f"{spec.name}.onnx"
-    onnx.save_model(proto, path)  # writes the tensors marked external to their files
+        raise
+    return scratch / "model.onnx"
+
+
+def finish_part(traced: Path, spec: PartSpec, out_dir: Path, external_data: bool, precision: str) -> list[str]:
+    """Write `<spec.name>.onnx` (and `<spec.name>.onnx_data`) into out_dir from a traced graph, its weights
+    quantized for int8/int4, and remove the scratch folder; returns the files the part needs. Without
+    quantization the weights are copied file to file, never all in memory: the exporter's external files
+    are gathered into one data file tensor by tensor."""
+    try:
+        quantized = precision in BITS
+        proto = onnx.load(traced, load_external_data=quantized)  # the quantizer needs the weights
+        if quantized:
+            proto = quantize(proto, precision)
+        if external_data or any(uses_external_data(t) for t in _tensors(proto)):
+            _gather_external_data(proto, traced.parent, out_dir, f"{spec.name}.onnx_data")
+        path = out_dir / f"{spec.name}.onnx"
+        onnx.save_model(proto, path)
+    finally:
+        shutil.rmtree(traced.parent)
     return [path.name, *external_files(path)]
+
+
+def _gather_external_data(proto: onnx.ModelProto, source: Path, out_dir: Path, location: str) -> None:
+    """Move every tensor of at least EXTERNAL_TENSOR_MIN_BYTES into out_dir/location, each at a page-aligned
+    offset (so ONNX Runtime can map it): in-memory tensors are written out and dropped from the proto,
+    external ones copied in chunks from their files under `source`."""
+    with open(out_dir / location, "wb") as data:
+        for tensor in _tensors(proto):
+            if uses_external_data(tensor):
+                info = ExternalDataInfo(tensor)
+                offset = _pad_to_page(data)
+                with open(source / info.location, "rb") as f:
+                    f.seek(info.offset or 0)
+                    length = _copy(f, data, info.length)
+            elif tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_TENSOR_MIN_BYTES:
+                offset = _pad_to_page(data)
+                length = data.write(tensor.raw_data)
+                tensor.ClearField("raw_data")
+            else:
+                continue
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+
+
+def _pad_to_page(f, page: int = 4096) -> int:
+    offset = f.tell()
+    padding = -offset % page
+    f.write(b"\0" * padding)
+    return offset + padding
+
+
+def _copy(source, destination, length: int | None, chunk: int = 1 << 24) -> int:
+    """Copy `length` bytes (all that is left when None) from one open file to another; returns the count."""
+    copied = 0
+    while length is None or copied < length:
+        block = source.read(chunk if length is None else min(chunk, length - copied))
+        if not block:
+            break
+        copied += destination.write(block)
+    return copied
 
 
 def external_files(onnx_path: Path) -> list[str]:

@@ -61,6 +61,36 @@ class DenoiserGraph(nn.Module):
         return logits, *keys, *values
 
 
+class TransposedLinear(nn.Module):
+    """nn.Linear with its weight stored as [in, out]: `x @ weight_t + bias`, the MatMul the exporter writes
+    for nn.Linear anyway, without the transposed copy of every weight its constant folding makes (an
+    extra copy of all the weights in memory while tracing)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight_t = nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)
+        self.bias = linear.bias
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The [out, in] view, for code that reads the weight's dtype (the projector does)."""
+        return self.weight_t.t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x @ self.weight_t
+        return out if self.bias is None else out + self.bias
+
+
+def transpose_linear_weights(model: nn.Module) -> None:
+    """Replace every nn.Linear of `model` by a TransposedLinear under the same name (node scopes keep
+    naming the module path), one weight at a time, so memory grows by one weight at most."""
+    # (parent, name) pairs, not the layers themselves: a list of them would keep every old weight alive.
+    places = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
+              if isinstance(child, nn.Linear)]
+    for parent, name in places:
+        setattr(parent, name, TransposedLinear(getattr(parent, name)))
+
+
 GRAPHS: dict[str, type[nn.Module]] = {
     "vision": VisionGraph,
     "projector": ProjectorGraph,

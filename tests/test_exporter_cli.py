@@ -299,7 +299,7 @@ def test_out_cannot_replace_the_checkpoint(tmp_path, run_main):
 
 @pytest.mark.skipif(unavailable_reason() is None, reason="this machine can build TensorRT engines")
 def test_tensorrt_without_gpu_fails_before_exporting(tmp_path, run_main, monkeypatch):
-    monkeypatch.setattr(exporter.build, "export_part", lambda *a, **k: pytest.fail("exported before failing"))
+    monkeypatch.setattr(exporter.build, "trace_part", lambda *a, **k: pytest.fail("exported before failing"))
     code, err = run_main("--backend", "tensorrt", "--out", tmp_path / "engines")
     assert code == 2
     line = _one_line_error(err)
@@ -320,7 +320,7 @@ def test_validation_failure_exits_1_and_keeps_the_old_folder(tmp_path, run_main,
 def test_interrupt_leaves_nothing(tmp_path, monkeypatch):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(exporter.build, "validate_part", interrupt)
+    monkeypatch.setattr(exporter.build, "check_part", interrupt)
     with pytest.raises(KeyboardInterrupt):
         exporter.build.build_engines(None, tmp_path / "engines", "fp32", progress=False)
     assert list(tmp_path.iterdir()) == []
@@ -332,7 +332,7 @@ def test_ctrl_c_exits_130_with_one_line_and_keeps_the_old_folder(tmp_path, run_m
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(exporter.build, "validate_part", interrupt)
+    monkeypatch.setattr(exporter.build, "check_part", interrupt)
     code, err = run_main("--precision", "fp32", "--out", old, "--force")
     assert code == 130
     assert _one_line_error(err) == "error: interrupted: nothing was written"
@@ -382,3 +382,17 @@ def test_not_enough_disk_is_refused_before_anything_is_written(tmp_path, run_mai
     assert code == 2
     assert "the build needs about" in err and "GB are free: free some space or choose another --out" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_running_out_of_memory_mid_build_is_one_line_and_leaves_nothing(tmp_path, run_main, monkeypatch):
+    old = _engines_folder(tmp_path / "engines")
+    before = _tree(tmp_path)
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError
+    monkeypatch.setattr(exporter.build, "reference_cases", out_of_memory)
+    code, err = run_main("--precision", "fp16", "--out", old, "--force")
+    assert code == 2
+    line = _one_line_error(err)
+    assert "ran out of memory building the engines" in line and "GB of memory" in line and "nothing was written" in line
+    assert _tree(tmp_path) == before

@@ -36,7 +36,9 @@ def test_scale_benchmark_measures_build_and_serve(tmp_path, capsys):
     for row in rows:
         assert row["build_peak_rss_gb"] > row["engines_weight_gb"] > 0
         assert row["serve_peak_rss_gb"] > 0 and row["serve_loaded_over_weights"] > 0
-        assert {"exporting denoiser.onnx", "validating denoiser with ONNX Runtime"} <= set(row["build_steps"])
+        assert {"tracing denoiser", "validating denoiser with ONNX Runtime"} <= set(row["build_steps"])
+        # steps shorter than the 50 ms sampling period may have no sample on a model this small
+        assert set(row["build_step_peak_rss_gb"]) <= set(row["build_steps"])
         assert row["projected_8b"]["weights_gb"] > row["engines_weight_gb"]
     assert rows[1]["engines_weight_gb"] < rows[0]["engines_weight_gb"]
     assert "| 0.01B | int8 |" in capsys.readouterr().out
