@@ -131,3 +131,17 @@ def test_serving_benchmark_measures_both_servers_with_the_same_load(engines_dir,
             assert len(row["answers"]) == 3
     assert (out / "serving.png").stat().st_size > 1000
     assert "--max-batch 3" in capsys.readouterr().out
+
+
+def test_precisions_benchmark_compares_engines_with_the_baselines_tokens(tmp_path, capsys):
+    from benchmarks import precisions
+
+    assert precisions.main(["--model", str(SHIPPED_MODEL_DIR), "--precisions", "fp32", "int8", "--requests", "2",
+                            "--warmup", "0", "--gen-length", "8", "--block-length", "8", "--out", str(tmp_path)]) == 0
+    rows = {r["precision"]: r for r in json.loads((tmp_path / "precisions.json").read_text())["rows"]}
+    assert rows["fp32"]["token_agreement"] == 1.0 and rows["fp32"]["speedup_vs_baseline"] == 1.0
+    assert 0 <= rows["int8"]["token_agreement"] <= 1
+    assert rows["int8"]["engines_weight_mb"] < rows["fp32"]["engines_weight_mb"]
+    assert all(r["loaded_rss_mb"] > 0 and r["peak_rss_mb"] > 0 for r in rows.values())
+    assert "| int8 |" in capsys.readouterr().out
+    assert precisions.token_agreement([1, 2, 3], [1, 5]) == 1 / 3
