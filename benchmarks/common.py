@@ -38,6 +38,22 @@ def load_requests(count: int, with_answers: bool) -> list[Request]:
             for ex in examples]
 
 
+def run_interleaved(pipes: dict, requests: list[Request], config, warmup: int) -> dict[str, list]:
+    """Every request through every pipeline, request by request, pipeline by pipeline (so a slow spell of the
+    machine hits all of them alike); returns each pipeline's results after the first `warmup` requests."""
+    from tqdm import tqdm
+
+    results = {name: [] for name in pipes}
+    with tqdm(total=len(requests) * len(pipes), desc="requests", unit="req") as progress:
+        for i, request in enumerate(requests):
+            for name, pipe in pipes.items():
+                result = pipe.generate(request.prompt, image=request.image, config=config)
+                progress.update()
+                if i >= warmup:
+                    results[name].append(result)
+    return results
+
+
 def load_pipeline(path: Path, backend: str):
     from runtime import Pipeline
 

@@ -15,9 +15,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from tqdm import tqdm
-
-from benchmarks.common import load_pipeline, load_requests, machine_info
+from benchmarks.common import load_pipeline, load_requests, machine_info, run_interleaved
 
 STAGES = ("preprocess", "vision", "projector", "full_forward", "cached_forward", "remasking", "other")
 
@@ -48,15 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    requests = load_requests(args.warmup + args.requests, with_answers=False)
-    timings = {b: [] for b in pipes}
-    with tqdm(total=len(requests) * len(pipes), desc="requests", unit="req") as progress:
-        for i, request in enumerate(requests):
-            for backend, pipe in pipes.items():
-                result = pipe.generate(request.prompt, image=request.image, config=config)
-                progress.update()
-                if i >= args.warmup:
-                    timings[backend].append({"seconds": result.stats["seconds"], **result.stats["stage_seconds"]})
+    results = run_interleaved(pipes, load_requests(args.warmup + args.requests, with_answers=False), config,
+                              args.warmup)
+    timings = {b: [{"seconds": r.stats["seconds"], **r.stats["stage_seconds"]} for r in rs] for b, rs in results.items()}
 
     print(f"{'stage (median s)':<18}" + "".join(f"{b:>24}" for b in pipes))
     for stage in ("seconds", *STAGES):

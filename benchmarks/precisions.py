@@ -18,9 +18,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from tqdm import tqdm
-
-from benchmarks.common import load_pipeline, load_requests, machine_info
+from benchmarks.common import load_pipeline, load_requests, machine_info, run_interleaved
 from benchmarks.scale import engines_weight_bytes, run_phase
 
 
@@ -62,17 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         # fp16 on the CPU provider is measured here on purpose; its load-time warning is in the README
         warnings.filterwarnings("ignore", message="fp16 engines on ONNX Runtime's CPU provider")
         pipes = {p: load_pipeline(folder, "onnxruntime") for p, folder in folders.items()}
-    requests = load_requests(args.warmup + args.requests, with_answers=False)
-    seconds = {p: [] for p in pipes}
-    tokens = {p: [] for p in pipes}
-    with tqdm(total=len(requests) * len(pipes), desc="requests", unit="req") as progress:
-        for i, request in enumerate(requests):
-            for precision, pipe in pipes.items():
-                result = pipe.generate(request.prompt, image=request.image, config=config)
-                progress.update()
-                if i >= args.warmup:
-                    seconds[precision].append(result.stats["seconds"])
-                    tokens[precision].append(result.token_ids)
+    results = run_interleaved(pipes, load_requests(args.warmup + args.requests, with_answers=False), config,
+                              args.warmup)
+    seconds = {p: [r.stats["seconds"] for r in rs] for p, rs in results.items()}
+    tokens = {p: [r.token_ids for r in rs] for p, rs in results.items()}
     baseline = args.precisions[0]
     rows = []
     for precision in pipes:

@@ -329,3 +329,15 @@ def test_weights_stored_transposed_trace_the_same_graph(tmp_path):
     inputs = sample_inputs(spec, dims, reference, np.random.default_rng(3))
     for want, got in zip(open_session(paths["plain"]).run(None, inputs), open_session(paths["transposed"]).run(None, inputs)):
         np.testing.assert_array_equal(got, want)
+
+
+def test_one_onnx_runtime_session_holds_the_denoiser_weights(engines):
+    """Both passes run in the one denoiser session (tests/test_runners.py checks the bindings), so the weights
+    are in memory once."""
+    from runtime.ort_runner import OnnxRuntimeRunner
+
+    with OnnxRuntimeRunner(engines["fp32"]) as runner:
+        assert sorted(runner.sessions) == ["denoiser", "projector", "vision"]
+        initializers = onnx.load(engines["fp32"] / "denoiser.onnx").graph.initializer
+        weights = {t.name for t in initializers if len(t.dims) == 2}
+        assert {i.name for i in runner.sessions["denoiser"].get_inputs()}.isdisjoint(weights)
