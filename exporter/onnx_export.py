@@ -227,7 +227,8 @@ def _pad_to_page(f, page: int = 4096) -> int:
 
 
 def _copy(source, destination, length: int | None, chunk: int = 1 << 24) -> int:
-    """Copy `length` bytes (all that is left when None) from one open file to another; returns the count."""
+    """Copy `length` bytes (all that is left when None) from one open file to another; returns the count.
+    shutil.copyfileobj copies to the end of the file; an external tensor may be a slice of one."""
     copied = 0
     while length is None or copied < length:
         block = source.read(chunk if length is None else min(chunk, length - copied))

@@ -3,9 +3,9 @@
 Every part runs on fresh random inputs of several shapes, none of them the export shape
 (`VALIDATION_DIMS`): tile counts 1 and 3, batch 1 and 2 (with left padding), several sequence
 lengths, logits at a few or at all positions, caches of several lengths. The denoiser's full pass
-(an empty cache) is compared with the module's own full pass, the cached pass with its cached pass. Inputs are drawn in the
-engines' precision and given to the reference upcast to float32, so only the graph's own arithmetic
-is measured. Denoiser inputs are realistic: token embeddings from the checkpoint, and caches that
+(an empty cache) is compared with the module's own full pass, the cached pass with its cached pass.
+Inputs are drawn in the engines' precision and given to the reference upcast to float32, so only the
+graph's own arithmetic is measured. Denoiser inputs are realistic: token embeddings from the checkpoint, and caches that
 are the reference's own keys/values.
 
 Tolerance. Each output is compared with `atol = rel_tol * max|reference|`: an absolute tolerance
