@@ -2,8 +2,8 @@
 and serve, as multiples of the weights, projected to LLaDA-8B.
 
 For each size it writes a random LLaDA language model with LLaDA-8B's proportions (`scaled_config`: head
-dimension 128, as many layers as heads, MLP 3x the width, the vocabulary scaled with the width so that
-embedding and head stay 13% of the parameters as in LLaDA-8B; bf16 safetensors shards in the released
+dimension 128, as many layers as heads, MLP 3x the width, the vocabulary scaled with the width from
+LLaDA-8B's 126,464 at 4096, so `--params 8e9` is LLaDA-8B's shape; bf16 safetensors shards in the released
 layout, written tensor by tensor), then per precision, each phase in its own process so that its peak
 RSS is its own:
 - build: `exporter.build_engines` (what `python -m exporter build --precision P --model CKPT` runs); peak RSS
