@@ -137,47 +137,94 @@ def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: s
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder {folder} does not exist")
-    stored_vocab = LladaVConfig.from_file(folder / "config.json").language.vocab_size
-    cfg = checkpoint_config(folder)
-    files = checkpoint_files(folder)
-    check_layer_counts(files, cfg, folder)
-    with torch.device("meta"):
-        model = LladaV(cfg)
-    expected = {name: p.shape for name, p in model.named_parameters()}
-    stored_shapes = {name: (stored_vocab, *expected[name][1:]) for name in VOCABULARY_ROWS if name in expected}
-
-    state, unexpected = {}, []
-    by_file: dict[Path, list[str]] = {}
-    for key, path in files.items():
-        by_file.setdefault(path, []).append(key)
-    for path, keys in by_file.items():
-        try:
-            with safe_open(path, "pt", device="cpu") as f:
-                for key in keys:
-                    try:
-                        name = to_module_key(key, cfg)
-                    except KeyError:
-                        unexpected.append(key)
-                        continue
-                    if name is None:
-                        continue
-                    tensor = f.get_slice(key)
-                    shape = tuple(tensor.get_shape())
-                    implied = tuple(stored_shapes.get(name, expected.get(name, shape)))
-                    if shape != implied:
-                        raise CheckpointError(f"{key} in {path.name} has shape {shape}, the config implies {implied}")
-                    tensor = tensor[:cfg.language.vocab_size] if name in stored_shapes else tensor[:]
-                    state[name] = tensor.to(device=device, dtype=dtype)
-        except (OSError, SafetensorError) as err:
-            raise CheckpointError(f"cannot read {path}: {err}") from err
-    unexpected += [to_checkpoint_key(n) for n in state if n not in expected]
-    missing = [to_checkpoint_key(n) for n in expected if n not in state]
+    reader = _Reader(folder)
+    model = reader.meta_model()
+    state, unexpected = reader.read(lambda name: True, dtype, device)
+    unexpected += [to_checkpoint_key(n) for n in state if n not in reader.shapes]
+    missing = [to_checkpoint_key(n) for n in reader.shapes if n not in state]
     if missing or unexpected:
         raise CheckpointError(f"{folder} does not match its config.json: missing tensors {missing[:8]}"
                               f"{' ...' if len(missing) > 8 else ''}, unexpected tensors {unexpected[:8]}"
                               f"{' ...' if len(unexpected) > 8 else ''}")
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
+
+
+def load_model_streaming_layers(folder: str | Path, dtype: torch.dtype = torch.float32) -> LladaV:
+    """LladaV of a checkpoint folder whose transformer layers (the denoiser's and the vision encoder's) hold
+    their weights only while they run: each is read from the safetensors when it is called and dropped
+    (back to the meta device) when it returns. Everything else (embeddings, head, norms, projector) is
+    loaded as by load_model. Memory: those parts and one layer; each call of the model reads every layer
+    again, so it suits a few calls (the exporter's reference outputs), not decoding. The checkpoint is
+    assumed checked (load_model raises for it)."""
+    reader = _Reader(Path(folder))
+    model = reader.meta_model()
+    layers = {name: module for name, module in model.named_modules() if re.fullmatch(r".*\.layers\.\d+", name)}
+
+    def in_layer(name: str) -> bool:
+        return any(name.startswith(prefix + ".") for prefix in layers)
+
+    resident, _ = reader.read(lambda name: not in_layer(name), dtype, "cpu")
+    model.load_state_dict(resident, strict=False, assign=True)
+    for prefix, layer in layers.items():
+        def load(module, args, prefix=prefix):
+            state, _ = reader.read(lambda name: name.startswith(prefix + "."), dtype, "cpu")
+            module.load_state_dict({name[len(prefix) + 1:]: t for name, t in state.items()}, strict=True, assign=True)
+
+        def drop(module, args, output):
+            module.to("meta")
+
+        layer.register_forward_pre_hook(load)
+        layer.register_forward_hook(drop)
+    return model.eval()
+
+
+class _Reader:
+    """A checkpoint's tensors by module name, in the shapes its config implies (vocabulary rows cut)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        stored_vocab = LladaVConfig.from_file(folder / "config.json").language.vocab_size
+        self.cfg = checkpoint_config(folder)
+        self.files = checkpoint_files(folder)
+        check_layer_counts(self.files, self.cfg, folder)
+        with torch.device("meta"):
+            self.shapes = {name: p.shape for name, p in LladaV(self.cfg).named_parameters()}
+        self.stored_shapes = {name: (stored_vocab, *self.shapes[name][1:]) for name in VOCABULARY_ROWS
+                              if name in self.shapes}
+
+    def meta_model(self) -> LladaV:
+        with torch.device("meta"):
+            return LladaV(self.cfg)
+
+    def read(self, wanted, dtype: torch.dtype, device) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """The tensors whose module names `wanted` accepts, and the checkpoint keys that map to no module."""
+        state, unexpected = {}, []
+        by_file: dict[Path, list[str]] = {}
+        for key, path in self.files.items():
+            by_file.setdefault(path, []).append(key)
+        for path, keys in by_file.items():
+            try:
+                with safe_open(path, "pt", device="cpu") as f:
+                    for key in keys:
+                        try:
+                            name = to_module_key(key, self.cfg)
+                        except KeyError:
+                            unexpected.append(key)
+                            continue
+                        if name is None or not wanted(name):
+                            continue
+                        tensor = f.get_slice(key)
+                        shape = tuple(tensor.get_shape())
+                        implied = tuple(self.stored_shapes.get(name, self.shapes.get(name, shape)))
+                        if shape != implied:
+                            raise CheckpointError(f"{key} in {path.name} has shape {shape}, the config implies "
+                                                  f"{implied}")
+                        tensor = tensor[:self.cfg.language.vocab_size] if name in self.stored_shapes else tensor[:]
+                        state[name] = tensor.to(device=device, dtype=dtype)
+            except (OSError, SafetensorError) as err:
+                raise CheckpointError(f"cannot read {path}: {err}") from err
+        return state, unexpected
 
 
 def save_model(model: LladaV, folder: str | Path, tokenizer_folder: str | Path | None = None,

@@ -345,3 +345,34 @@ def test_empty_images_and_encoded_bytes(tmp_path, shipped_model):
     assert torch.equal(preprocess(path.read_bytes(), cfg).pixel_values, preprocess(path, cfg).pixel_values)
     with pytest.raises(ValueError, match="cannot read the 5 bytes given as an image"):
         preprocess(b"\x89PNG!", cfg)
+
+
+def test_streaming_layers_model_computes_what_the_loaded_one_does_one_layer_at_a_time(shipped_model_dir):
+    from llada_v.weights import load_model_streaming_layers
+
+    loaded = llada_v.load_model(shipped_model_dir)
+    streamed = load_model_streaming_layers(shipped_model_dir)
+    assert all(p.is_meta for p in streamed.denoiser.layers.parameters())
+    assert not any(p.is_meta for p in streamed.denoiser.lm_head.parameters())
+    seen = []
+    streamed.denoiser.layers[1].register_forward_pre_hook(  # runs after the layer's own loading hook
+        lambda module, args: seen.append([p.is_meta for p in streamed.denoiser.layers.parameters()]))
+    lm = loaded.config.language
+    x = torch.randn(2, 7, lm.hidden_size)
+    positions = torch.arange(7).expand(2, 7)
+    mask = torch.ones(2, 7, dtype=torch.int64)
+    index = torch.tensor([[0, 6], [3, 4]])
+    with torch.no_grad():
+        want, keys, values = loaded.denoiser(x, positions, mask, index)
+        got, got_keys, got_values = streamed.denoiser(x, positions, mask, index)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        torch.testing.assert_close(streamed.denoiser(x[:, 5:], positions[:, 5:] + 2, mask[:, 5:], index[:, :1] * 0,
+                                                     keys, values, mask)[0],
+                                   loaded.denoiser(x[:, 5:], positions[:, 5:] + 2, mask[:, 5:], index[:, :1] * 0,
+                                                   keys, values, mask)[0], rtol=0, atol=0)
+        pixels = torch.randn(1, 3, loaded.config.vision.image_size, loaded.config.vision.image_size)
+        torch.testing.assert_close(streamed.vision_tower(pixels), loaded.vision_tower(pixels), rtol=0, atol=0)
+    per_layer = len(list(streamed.denoiser.layers[0].parameters()))
+    # when layer 1 ran, layer 0 was already gone and layer 2 not yet read
+    assert seen[0] == [True] * per_layer + [False] * per_layer + [True] * (len(seen[0]) - 2 * per_layer)
+    assert all(p.is_meta for p in streamed.denoiser.layers.parameters())
