@@ -24,8 +24,8 @@ split the whole cache into layers (a copy) on every step.
 `validate_model_outputs` checks a single input shape with one absolute `atol` via `np.allclose`
 and needs dict outputs from the reference model; we need several shapes per part, a tolerance
 relative to the output scale for fp16, and the errors recorded in the manifest (see validate.py).
-Its way with external data is the one used below: export to a scratch folder, reload, and save
-again with all tensors in one data file per part.
+Its way with external data (export, reload, save again with one data file per part) holds the whole
+graph in memory; trace_part below never does.
 
 One denoiser graph serves both passes: the cached graph, given an empty cache (past_sequence 0) for
 the full pass. A second graph for the full pass would hold a second copy of the weights in every
@@ -36,8 +36,10 @@ full pass through it took 101 ms against 88 ms for a graph without the cache inp
 attention scores against the empty cache and the fresh keys, a copy of the score matrix per layer);
 at LLaDA-8B's width that copy is under 0.1% of a layer's matmul work.
 
-External data: a part whose weights exceed `EXTERNAL_DATA_THRESHOLD` is saved with its tensors in
-`<part>.onnx_data` (protobuf cannot serialise a message over 2 GB).
+External data: a part whose weights exceed `EXTERNAL_DATA_THRESHOLD` (64 MiB) is saved with its tensors in
+`<part>.onnx_data`. The exporter traces the graph
+without its weights (trace_part says why); linear layers are traced with their weights stored
+transposed (wrappers.transpose_linear_weights), so every weight MatMul reads an initializer directly.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
@@ -61,7 +64,10 @@ OPSET = 17
 # of float32 graphs (quantize.py): ONNX Runtime's CPU MatMulNBits kernels take float32 activations.
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "int8": "float32", "int4": "float32"}
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
-EXTERNAL_DATA_THRESHOLD = 2 * 1024**3  # protobuf's limit on a serialised message
+# Parts with more weight bytes keep them in `<part>.onnx_data`, moved into place from the trace without being
+# loaded; inlining them means holding the graph and its serialised copy (2x the part), and protobuf cannot
+# serialise a message over 2 GB at all.
+EXTERNAL_DATA_THRESHOLD = 64 * 1024**2
 EXTERNAL_TENSOR_MIN_BYTES = 1024  # smaller tensors stay inside the .onnx file (onnx's default threshold)
 MAX_BATCH = 4  # TensorRT profile limit; ONNX Runtime accepts any batch
 # Example sizes for tracing: all different and all > 1, so no two dynamic axes can be confused.
@@ -162,13 +168,18 @@ def dim_ranges(cfg: LladaVConfig) -> dict[str, DimRange]:
 
 
 def trace_part(graph: nn.Module, spec: PartSpec, out_dir: Path) -> Path:
-    """Trace the part into a scratch folder in out_dir (`.<part>.export/model.onnx`); returns that file. Above
-    2 GB the exporter itself writes one external file per tensor beside it. finish_part turns it into the
-    part's files, so the PyTorch model can be freed in between."""
+    """Trace the part into a scratch folder in out_dir: `.<part>.export/model.onnx`, its weights in
+    `<part>.onnx_data` beside it; returns model.onnx. The exporter runs with export_params=False, so it
+    never holds the weights itself (with them it keeps a serialised copy of a graph under 2 GB, and
+    writes a file per tensor above); the weights are written from the module one tensor at a time.
+    finish_part turns the scratch folder into the part's files, so the model can be freed in between."""
     scratch = out_dir / f".{spec.name}.export"
     scratch.mkdir()
     try:
         _trace_to_onnx(graph, spec, scratch / "model.onnx")
+        proto = onnx.load(scratch / "model.onnx")  # the graph alone: its weights are still inputs
+        _weights_to_initializers(proto, spec, dict(graph.named_parameters()), scratch, f"{spec.name}.onnx_data")
+        onnx.save_model(proto, scratch / "model.onnx")
     except BaseException:
         shutil.rmtree(scratch)
         raise
@@ -176,47 +187,68 @@ def trace_part(graph: nn.Module, spec: PartSpec, out_dir: Path) -> Path:
 
 
 def finish_part(traced: Path, spec: PartSpec, out_dir: Path, external_data: bool, precision: str) -> list[str]:
-    """Write `<spec.name>.onnx` (and `<spec.name>.onnx_data`) into out_dir from a traced graph, its weights
-    quantized for int8/int4, and remove the scratch folder; returns the files the part needs. Without
-    quantization the weights are copied file to file, never all in memory: the exporter's external files
-    are gathered into one data file tensor by tensor."""
+    """Write `<spec.name>.onnx` (and `<spec.name>.onnx_data`) into out_dir from trace_part's scratch folder,
+    its weights quantized for int8/int4, and remove the scratch folder; returns the files the part needs.
+    A float part with external data is moved into place, never loaded."""
+    path = out_dir / f"{spec.name}.onnx"
+    data = f"{spec.name}.onnx_data"
     try:
-        quantized = precision in BITS
-        proto = onnx.load(traced, load_external_data=quantized)  # the quantizer needs the weights
-        if quantized:
-            proto = quantize(proto, precision)
-        if external_data or any(uses_external_data(t) for t in _tensors(proto)):
-            _gather_external_data(proto, traced.parent, out_dir, f"{spec.name}.onnx_data")
-        path = out_dir / f"{spec.name}.onnx"
-        onnx.save_model(proto, path)
+        if precision in BITS or not external_data:
+            proto = onnx.load(traced)  # with its weights: the quantizer needs them, small parts keep them inline
+            if precision in BITS:
+                proto = quantize(proto, precision)
+            if external_data:
+                _write_external_data(proto, out_dir / data)
+            onnx.save_model(proto, path)
+        else:
+            (traced.parent / data).rename(out_dir / data)
+            traced.rename(path)  # its tensors already name `data`
     finally:
         shutil.rmtree(traced.parent)
     return [path.name, *external_files(path)]
 
 
-def _gather_external_data(proto: onnx.ModelProto, source: Path, out_dir: Path, location: str) -> None:
-    """Move every tensor of at least EXTERNAL_TENSOR_MIN_BYTES into out_dir/location, each at a page-aligned
-    offset (so ONNX Runtime can map it): in-memory tensors are written out and dropped from the proto,
-    external ones copied in chunks from their files under `source`."""
-    with open(out_dir / location, "wb") as data:
+def _weights_to_initializers(proto: onnx.ModelProto, spec: PartSpec, params: dict[str, torch.Tensor],
+                             folder: Path, location: str) -> None:
+    """Turn the graph inputs that export_params=False made of the module's parameters into initializers,
+    their data written to folder/location (page-aligned, so ONNX Runtime can map them)."""
+    weights = [value for value in proto.graph.input if value.name not in spec.input_names]
+    unknown = [value.name for value in weights if value.name not in params]
+    if unknown:
+        raise RuntimeError(f"{spec.name}: the traced graph takes inputs {unknown[:4]} that are neither the part's "
+                           f"inputs nor parameters of its module")
+    with open(folder / location, "wb") as data:
+        for value in weights:
+            array = params[value.name].detach().contiguous().cpu().numpy()
+            offset = _pad_to_page(data)
+            length = data.write(array.reshape(-1).view(np.uint8))
+            tensor = onnx.TensorProto(name=value.name, dims=array.shape,
+                                      data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype))
+            _point_at(tensor, location, offset, length)
+            proto.graph.initializer.append(tensor)
+    kept = [value for value in proto.graph.input if value.name in spec.input_names]
+    del proto.graph.input[:]
+    proto.graph.input.extend(kept)
+
+
+def _write_external_data(proto: onnx.ModelProto, path: Path) -> None:
+    """Move every in-memory tensor of at least EXTERNAL_TENSOR_MIN_BYTES into the file at `path`, each at a
+    page-aligned offset."""
+    with open(path, "wb") as data:
         for tensor in _tensors(proto):
-            if uses_external_data(tensor):
-                info = ExternalDataInfo(tensor)
-                offset = _pad_to_page(data)
-                with open(source / info.location, "rb") as f:
-                    f.seek(info.offset or 0)
-                    length = _copy(f, data, info.length)
-            elif tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_TENSOR_MIN_BYTES:
+            if tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_TENSOR_MIN_BYTES:
                 offset = _pad_to_page(data)
                 length = data.write(tensor.raw_data)
                 tensor.ClearField("raw_data")
-            else:
-                continue
-            del tensor.external_data[:]
-            tensor.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, value
+                _point_at(tensor, path.name, offset, length)
+
+
+def _point_at(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    del tensor.external_data[:]
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
 
 
 def _pad_to_page(f, page: int = 4096) -> int:
@@ -224,18 +256,6 @@ def _pad_to_page(f, page: int = 4096) -> int:
     padding = -offset % page
     f.write(b"\0" * padding)
     return offset + padding
-
-
-def _copy(source, destination, length: int | None, chunk: int = 1 << 24) -> int:
-    """Copy `length` bytes (all that is left when None) from one open file to another; returns the count.
-    shutil.copyfileobj copies to the end of the file; an external tensor may be a slice of one."""
-    copied = 0
-    while length is None or copied < length:
-        block = source.read(chunk if length is None else min(chunk, length - copied))
-        if not block:
-            break
-        copied += destination.write(block)
-    return copied
 
 
 def external_files(onnx_path: Path) -> list[str]:
@@ -256,5 +276,7 @@ def _trace_to_onnx(graph: nn.Module, spec: PartSpec, path: Path) -> None:
         # The legacy exporter's notices about its own deprecation (the choice is explained above).
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(graph, example, str(path), input_names=spec.input_names, output_names=spec.output_names,
-                          dynamic_axes=spec.dynamic_axes(), opset_version=OPSET, do_constant_folding=True,
-                          dynamo=False)
+                          dynamic_axes=spec.dynamic_axes(), opset_version=OPSET, dynamo=False,
+                          # Folding needs the weights' values, which export_params=False leaves out of the
+                          # file: ONNX Runtime and TensorRT fold constants themselves when they load a graph.
+                          export_params=False, do_constant_folding=False)

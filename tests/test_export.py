@@ -17,7 +17,7 @@ import llada_v
 from exporter import build_engines, load_manifest, trt_build
 from exporter.onnx_export import EXPORT_DIMS, dim_ranges, finish_part, part_specs, trace_part
 from exporter.validate import REL_TOL, open_session, sample_inputs
-from exporter.wrappers import transpose_linear_weights, wrap
+from exporter.wrappers import wrap
 
 PARTS = ["vision", "projector", "denoiser"]
 # Sizes unlike both the export shape (onnx_export.EXPORT_DIMS) and the build's validation shapes.
@@ -290,45 +290,38 @@ def test_tensorrt_profile_comes_from_the_spec_table(engines, reference, tmp_path
     assert fake.shapes["logits_index"][2] == (ranges["batch"].max, max_len)
 
 
-def test_finishing_a_part_gathers_the_exporters_external_files_into_one(reference, tmp_path):
-    """Above 2 GB the exporter writes one file per tensor; finish_part copies them into <part>.onnx_data at
-    page-aligned offsets without loading them, and the part computes what it computed before."""
+@pytest.mark.parametrize("external", [True, False])
+def test_traced_parts_carry_their_weights_in_one_data_file(reference, tmp_path, external):
+    """trace_part writes the weights from the module itself, page-aligned, beside a graph that holds none;
+    finish_part moves them into place (external data) or inlines them, and the part computes the module's
+    outputs."""
     spec = part_specs(reference.config, "fp32")["projector"]
-    traced = trace_part(wrap("projector", reference), spec, tmp_path)
     inputs = sample_inputs(spec, {"num_tiles": 2}, reference, np.random.default_rng(0))
-    want = open_session(traced).run(None, inputs)
-    onnx.save_model(onnx.load(traced), traced, save_as_external_data=True, all_tensors_to_one_file=False,
-                    size_threshold=1024)
-    assert len(list(traced.parent.iterdir())) > 2
-    files = finish_part(traced, spec, tmp_path, external_data=False, precision="fp32")
-    assert files == ["projector.onnx", "projector.onnx_data"] and not traced.parent.exists()
-    proto = onnx.load(tmp_path / "projector.onnx", load_external_data=False)
+    with torch.no_grad():
+        want = wrap("projector", reference)(torch.from_numpy(inputs["features"])).numpy()
+    traced = trace_part(wrap("projector", reference), spec, tmp_path)
+    data = traced.parent / "projector.onnx_data"
+    assert traced.stat().st_size < data.stat().st_size / 10
+    proto = onnx.load(traced, load_external_data=False)
     offsets = [int(e.value) for t in proto.graph.initializer for e in t.external_data if e.key == "offset"]
-    assert offsets and all(offset % 4096 == 0 for offset in offsets)
-    got = open_session(tmp_path / "projector.onnx").run(None, inputs)
-    np.testing.assert_array_equal(got[0], want[0])
+    assert len(offsets) == len(proto.graph.initializer) and all(offset % 4096 == 0 for offset in offsets)
+    assert [i.name for i in proto.graph.input] == spec.input_names
+    files = finish_part(traced, spec, tmp_path, external, precision="fp32")
+    assert files == (["projector.onnx", "projector.onnx_data"] if external else ["projector.onnx"])
+    assert not traced.parent.exists()
+    got = open_session(tmp_path / "projector.onnx").run(None, inputs)[0]
+    np.testing.assert_allclose(got, want, rtol=0, atol=REL_TOL["fp32"] * np.abs(want).max())
 
 
-def test_weights_stored_transposed_trace_the_same_graph(tmp_path):
-    """transpose_linear_weights (the build's memory saving) against plain nn.Linear: the same nodes, the same
-    outputs, and MatMuls reading their weights directly."""
-    spec = part_specs(llada_v.load_model(llada_v.SHIPPED_MODEL_DIR).config, "fp32")["denoiser"]
-    paths = {}
-    for kind in ("plain", "transposed"):
-        model = llada_v.load_model(llada_v.SHIPPED_MODEL_DIR)
-        if kind == "transposed":
-            transpose_linear_weights(model)
-        (tmp_path / kind).mkdir()
-        paths[kind] = trace_part(wrap("denoiser", model), spec, tmp_path / kind)
-    plain, transposed = (onnx.load(paths[k]) for k in ("plain", "transposed"))
-    assert [n.op_type for n in plain.graph.node] == [n.op_type for n in transposed.graph.node]
-    weights = {t.name for t in transposed.graph.initializer}
-    assert all(n.input[1] in weights for n in transposed.graph.node if n.op_type == "MatMul" and "proj" in n.name)
-    reference = llada_v.load_model(llada_v.SHIPPED_MODEL_DIR)
-    dims = {"batch": 2, "sequence": 9, "positions": 3, "past_sequence": 5}
-    inputs = sample_inputs(spec, dims, reference, np.random.default_rng(3))
-    for want, got in zip(open_session(paths["plain"]).run(None, inputs), open_session(paths["transposed"]).run(None, inputs)):
-        np.testing.assert_array_equal(got, want)
+def test_every_weight_matmul_reads_its_initializer_directly(engines):
+    """With the linear weights traced transposed (wrappers.transpose_linear_weights), no Transpose stands
+    between a weight and its MatMul: ONNX Runtime can pre-pack it and the quantizer finds it."""
+    for precision in ("fp32", "fp16"):
+        graph = onnx.load(engines[precision] / "denoiser.onnx", load_external_data=False).graph
+        weights = {t.name for t in graph.initializer}
+        projections = [n for n in graph.node if n.op_type == "MatMul" and ("proj" in n.name or "lm_head" in n.name)]
+        assert projections and all(n.input[1] in weights for n in projections)
+        assert not [n.name for n in graph.node if n.op_type == "Transpose" and n.input[0] in weights]
 
 
 def test_one_onnx_runtime_session_holds_the_denoiser_weights(engines):

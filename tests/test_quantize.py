@@ -15,8 +15,8 @@ from exporter.build import BuildError
 from exporter.onnx_export import part_specs
 from exporter.quantize import BITS, BLOCK_SIZE, QUANTIZED_OP, dequantize_into, quantize
 from exporter.validate import check_part, reference_cases
-from exporter.onnx_export import _trace_to_onnx
-from exporter.wrappers import wrap
+from exporter.onnx_export import trace_part
+from exporter.wrappers import transpose_linear_weights, wrap
 
 QUANTIZED = list(BITS)
 
@@ -64,11 +64,12 @@ def test_dequantized_weights_are_the_quantizers_rounding_of_the_originals(precis
     """dequantize_into reads the blobs back onto each block's grid: a step is the block's largest |weight| over
     2^(bits-1); rounding is off by a quarter step on average and never more than a step (the largest
     positive value clips to 2^(bits-1) - 1 levels)."""
+    exported = llada_v.load_model(llada_v.SHIPPED_MODEL_DIR)
+    transpose_linear_weights(exported)  # as the build traces it
+    spec = part_specs(exported.config, precision)["projector"]
+    proto = quantize(onnx.load(trace_part(wrap("projector", exported), spec, tmp_path)), precision)
     model = llada_v.load_model(llada_v.SHIPPED_MODEL_DIR)
-    spec = part_specs(model.config, precision)["projector"]
     original = {n: p.detach().clone() for n, p in model.projector.named_parameters()}
-    _trace_to_onnx(wrap("projector", model), spec, tmp_path / "projector.onnx")
-    proto = quantize(onnx.load(tmp_path / "projector.onnx"), precision)
     assert dequantize_into(model, proto) == 2
     for name, param in model.projector.named_parameters():
         if param.dim() != 2:
