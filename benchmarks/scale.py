@@ -58,68 +58,51 @@ def parameter_count(lm) -> int:
 
 
 def write_random_checkpoint(cfg, folder: Path, seed: int = 0) -> int:
-    """Seeded random bf16 weights in shards of SHARD_BYTES, one shard in memory at a time; a tokenizer of
-    exactly vocab_size tokens (the shipped one plus filler tokens). Returns the weight bytes."""
-    from safetensors.torch import save_file
+    """Seeded random bf16 weights in shards of SHARD_BYTES, one tensor made at a time; a tokenizer of exactly
+    vocab_size tokens (the shipped one plus filler tokens). Returns the weight bytes."""
     from tokenizers import AddedToken, Tokenizer
 
     from llada_v import SHIPPED_MODEL_DIR, LladaV
-    from llada_v.weights import INDEX_FILE, TOKENIZER_FILES, to_checkpoint_key
+    from llada_v.weights import copy_tokenizer, save_tensors, to_checkpoint_key
 
     folder.mkdir(parents=True, exist_ok=True)
     with torch.device("meta"):
         shapes = {to_checkpoint_key(n): p.shape for n, p in LladaV(cfg).named_parameters()}
     generator = torch.Generator().manual_seed(seed)
-    shard_keys: list[list[str]] = []
-    shard: dict[str, torch.Tensor] = {}
-    total = 0
 
-    def flush():
-        save_file(shard, folder / f"shard-{len(shard_keys)}.tmp", metadata={"format": "pt"})
-        shard_keys.append(list(shard))
-        shard.clear()
+    def random_tensors():
+        for key, shape in shapes.items():
+            if key.endswith("norm.weight"):
+                yield key, torch.ones(shape, dtype=torch.bfloat16)
+            else:
+                std = 0.02 if "embed_tokens" in key else shape[-1] ** -0.5
+                yield key, (torch.randn(shape, generator=generator) * std).to(torch.bfloat16)
 
-    for key, shape in shapes.items():
-        if key.endswith("norm.weight"):
-            tensor = torch.ones(shape, dtype=torch.bfloat16)
-        else:
-            std = 0.02 if "embed_tokens" in key else shape[-1] ** -0.5
-            tensor = (torch.randn(shape, generator=generator) * std).to(torch.bfloat16)
-        size = tensor.numel() * tensor.element_size()
-        if shard and sum(t.numel() * t.element_size() for t in shard.values()) + size > SHARD_BYTES:
-            flush()
-        shard[key] = tensor
-        total += size
-    flush()
-    weight_map = {}
-    for i, keys in enumerate(shard_keys):
-        name = f"model-{i + 1:05d}-of-{len(shard_keys):05d}.safetensors"
-        (folder / f"shard-{i}.tmp").rename(folder / name)
-        weight_map.update(dict.fromkeys(keys, name))
-    (folder / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    total = save_tensors(random_tensors(), folder, SHARD_BYTES)
     cfg.save(folder / "config.json")
-    tokenizer = Tokenizer.from_file(str(SHIPPED_MODEL_DIR / "tokenizer.json"))
+    copy_tokenizer(SHIPPED_MODEL_DIR, folder)
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     fillers = cfg.language.vocab_size - tokenizer.get_vocab_size()
     tokenizer.add_tokens([AddedToken(f"<|filler_{i}|>", special=True) for i in range(fillers)])
     tokenizer.save(str(folder / "tokenizer.json"))
-    for name in TOKENIZER_FILES[1:]:
-        (folder / name).write_bytes((SHIPPED_MODEL_DIR / name).read_bytes())
     return total
 
 
 def peak_rss() -> int:
-    """This process's peak resident memory in bytes (Linux /proc)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise OSError("no VmHWM in /proc/self/status: the scale benchmark measures memory on Linux")
+    """This process's peak resident memory in bytes."""
+    return _status_bytes("VmHWM")
 
 
 def rss() -> int:
+    return _status_bytes("VmRSS")
+
+
+def _status_bytes(field: str) -> int:
+    """A memory figure of /proc/self/status (Linux), in bytes."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
-    raise OSError("no VmRSS in /proc/self/status")
+    raise OSError(f"no {field} in /proc/self/status: the scale benchmark measures memory on Linux")
 
 
 def engines_weight_bytes(folder: Path) -> int:

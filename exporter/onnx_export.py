@@ -197,9 +197,8 @@ def finish_part(traced: Path, spec: PartSpec, out_dir: Path, external_data: bool
             proto = onnx.load(traced)  # with its weights: the quantizer needs them, small parts keep them inline
             if precision in BITS:
                 proto = quantize(proto, precision)
-            if external_data:
-                _write_external_data(proto, out_dir / data)
-            onnx.save_model(proto, path)
+            onnx.save_model(proto, path, save_as_external_data=external_data, location=data,
+                            size_threshold=EXTERNAL_TENSOR_MIN_BYTES, convert_attribute=True)
         else:
             (traced.parent / data).rename(out_dir / data)
             traced.rename(path)  # its tensors already name `data`
@@ -231,19 +230,8 @@ def _weights_to_initializers(proto: onnx.ModelProto, spec: PartSpec, params: dic
     proto.graph.input.extend(kept)
 
 
-def _write_external_data(proto: onnx.ModelProto, path: Path) -> None:
-    """Move every in-memory tensor of at least EXTERNAL_TENSOR_MIN_BYTES into the file at `path`, each at a
-    page-aligned offset."""
-    with open(path, "wb") as data:
-        for tensor in _tensors(proto):
-            if tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_TENSOR_MIN_BYTES:
-                offset = _pad_to_page(data)
-                length = data.write(tensor.raw_data)
-                tensor.ClearField("raw_data")
-                _point_at(tensor, path.name, offset, length)
-
-
 def _point_at(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    """onnx's set_external_data, for a tensor whose data was never in the proto (it requires raw_data)."""
     del tensor.external_data[:]
     tensor.data_location = onnx.TensorProto.EXTERNAL
     for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):

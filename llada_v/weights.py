@@ -8,6 +8,7 @@ import dataclasses
 import json
 import re
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -139,8 +140,8 @@ def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: s
         raise CheckpointError(f"checkpoint folder {folder} does not exist")
     reader = _Reader(folder)
     model = reader.meta_model()
-    state, unexpected = reader.read(lambda name: True, dtype, device)
-    unexpected += [to_checkpoint_key(n) for n in state if n not in reader.shapes]
+    state = reader.read(lambda name: True, dtype, device)
+    unexpected = reader.unexpected + [to_checkpoint_key(n) for n in state if n not in reader.shapes]
     missing = [to_checkpoint_key(n) for n in reader.shapes if n not in state]
     if missing or unexpected:
         raise CheckpointError(f"{folder} does not match its config.json: missing tensors {missing[:8]}"
@@ -164,11 +165,11 @@ def load_model_streaming_layers(folder: str | Path, dtype: torch.dtype = torch.f
     def in_layer(name: str) -> bool:
         return any(name.startswith(prefix + ".") for prefix in layers)
 
-    resident, _ = reader.read(lambda name: not in_layer(name), dtype, "cpu")
+    resident = reader.read(lambda name: not in_layer(name), dtype, "cpu")
     model.load_state_dict(resident, strict=False, assign=True)
     for prefix, layer in layers.items():
         def load(module, args, prefix=prefix):
-            state, _ = reader.read(lambda name: name.startswith(prefix + "."), dtype, "cpu")
+            state = reader.read(lambda name: name.startswith(prefix + "."), dtype, "cpu")
             module.load_state_dict({name[len(prefix) + 1:]: t for name, t in state.items()}, strict=True, assign=True)
 
         def drop(module, args, output):
@@ -186,34 +187,39 @@ class _Reader:
         self.folder = folder
         stored_vocab = LladaVConfig.from_file(folder / "config.json").language.vocab_size
         self.cfg = checkpoint_config(folder)
-        self.files = checkpoint_files(folder)
-        check_layer_counts(self.files, self.cfg, folder)
+        files = checkpoint_files(folder)
+        check_layer_counts(files, self.cfg, folder)
         with torch.device("meta"):
             self.shapes = {name: p.shape for name, p in LladaV(self.cfg).named_parameters()}
         self.stored_shapes = {name: (stored_vocab, *self.shapes[name][1:]) for name in VOCABULARY_ROWS
                               if name in self.shapes}
+        # module name -> (file, checkpoint key), worked out once: the streaming model reads a layer per call
+        self.locations: dict[str, tuple[Path, str]] = {}
+        self.unexpected: list[str] = []  # checkpoint keys that map to no module
+        for key, path in files.items():
+            try:
+                name = to_module_key(key, self.cfg)
+            except KeyError:
+                self.unexpected.append(key)
+                continue
+            if name is not None:
+                self.locations[name] = path, key
 
     def meta_model(self) -> LladaV:
         with torch.device("meta"):
             return LladaV(self.cfg)
 
-    def read(self, wanted, dtype: torch.dtype, device) -> tuple[dict[str, torch.Tensor], list[str]]:
-        """The tensors whose module names `wanted` accepts, and the checkpoint keys that map to no module."""
-        state, unexpected = {}, []
-        by_file: dict[Path, list[str]] = {}
-        for key, path in self.files.items():
-            by_file.setdefault(path, []).append(key)
-        for path, keys in by_file.items():
+    def read(self, wanted, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
+        """The tensors whose module names `wanted` accepts."""
+        by_file: dict[Path, list[tuple[str, str]]] = {}
+        for name, (path, key) in self.locations.items():
+            if wanted(name):
+                by_file.setdefault(path, []).append((name, key))
+        state = {}
+        for path, names in by_file.items():
             try:
                 with safe_open(path, "pt", device="cpu") as f:
-                    for key in keys:
-                        try:
-                            name = to_module_key(key, self.cfg)
-                        except KeyError:
-                            unexpected.append(key)
-                            continue
-                        if name is None or not wanted(name):
-                            continue
+                    for name, key in names:
                         tensor = f.get_slice(key)
                         shape = tuple(tensor.get_shape())
                         implied = tuple(self.stored_shapes.get(name, self.shapes.get(name, shape)))
@@ -224,7 +230,7 @@ class _Reader:
                         state[name] = tensor.to(device=device, dtype=dtype)
             except (OSError, SafetensorError) as err:
                 raise CheckpointError(f"cannot read {path}: {err}") from err
-        return state, unexpected
+        return state
 
 
 def save_model(model: LladaV, folder: str | Path, tokenizer_folder: str | Path | None = None,
@@ -234,29 +240,44 @@ def save_model(model: LladaV, folder: str | Path, tokenizer_folder: str | Path |
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.config.save(folder / "config.json")
-    tensors = {to_checkpoint_key(name): (p.detach().to(dtype) if dtype else p.detach()).contiguous().cpu()
-               for name, p in model.named_parameters()}
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    shard_bytes = 0
-    for key, tensor in tensors.items():
-        size = tensor.numel() * tensor.element_size()
-        if max_shard_bytes is not None and shards[-1] and shard_bytes + size > max_shard_bytes:
-            shards.append({})
-            shard_bytes = 0
-        shards[-1][key] = tensor
-        shard_bytes += size
-    if len(shards) == 1:
-        save_file(tensors, folder / SINGLE_FILE, metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards, start=1):
-            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, folder / name, metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(shard, name))
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        (folder / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    save_tensors(((to_checkpoint_key(name), (p.detach().to(dtype) if dtype else p.detach()).cpu())
+                  for name, p in model.named_parameters()), folder, max_shard_bytes)
     if tokenizer_folder is not None:
         copy_tokenizer(tokenizer_folder, folder)
+
+
+def save_tensors(tensors: Iterable[tuple[str, torch.Tensor]], folder: Path, max_shard_bytes: int | None = None) -> int:
+    """(checkpoint key, tensor) pairs into `folder` in the released layout, one shard in memory at a time:
+    model.safetensors, or, once they exceed max_shard_bytes, model-0000i-of-0000N.safetensors and their
+    index (shards are written under temporary names until N is known). Returns the tensors' bytes."""
+    shard_keys: list[list[str]] = []
+    shard: dict[str, torch.Tensor] = {}
+    shard_bytes = total = 0
+    for key, tensor in tensors:
+        size = tensor.numel() * tensor.element_size()
+        if max_shard_bytes is not None and shard and shard_bytes + size > max_shard_bytes:
+            _save_shard(shard, folder, shard_keys)
+            shard_bytes = 0
+        shard[key] = tensor.contiguous()
+        shard_bytes += size
+        total += size
+    _save_shard(shard, folder, shard_keys)
+    if len(shard_keys) == 1:
+        (folder / ".shard-0.tmp").rename(folder / SINGLE_FILE)
+        return total
+    weight_map = {}
+    for i, keys in enumerate(shard_keys):
+        name = f"model-{i + 1:05d}-of-{len(shard_keys):05d}.safetensors"
+        (folder / f".shard-{i}.tmp").rename(folder / name)
+        weight_map.update(dict.fromkeys(keys, name))
+    (folder / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return total
+
+
+def _save_shard(shard: dict[str, torch.Tensor], folder: Path, shard_keys: list[list[str]]) -> None:
+    save_file(shard, folder / f".shard-{len(shard_keys)}.tmp", metadata={"format": "pt"})
+    shard_keys.append(list(shard))
+    shard.clear()
 
 
 def copy_tokenizer(source: str | Path, destination: str | Path) -> None:

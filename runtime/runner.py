@@ -205,8 +205,8 @@ def empty_cache(like: torch.Tensor) -> dict[str, torch.Tensor]:
     """The denoiser graph's cache inputs for a full pass: every layer's past keys/values [B, H, 0, D] and
     past_mask [B, 0], of the dtype and device of `like` (a stacked [n_layers, B, H, L, D] cache)."""
     n, b, h, _, d = like.shape
-    empty = like.new_empty((b, h, 0, d))
-    return {**{f"past_keys.{i}": empty for i in range(n)}, **{f"past_values.{i}": empty for i in range(n)},
+    empty = like.new_empty((n, b, h, 0, d))
+    return {**per_layer("past_keys", empty), **per_layer("past_values", empty),
             "past_mask": torch.zeros((b, 0), dtype=torch.int64, device=like.device)}
 
 

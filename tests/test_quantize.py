@@ -23,8 +23,10 @@ QUANTIZED = list(BITS)
 
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory):
+    """int4 keeps every part's weights in external data, so the quantized external-data path is covered too."""
     root = tmp_path_factory.mktemp("quantized")
-    return {p: build_engines(None, root / p, p, progress=False) for p in ["fp32", *QUANTIZED]}
+    return {p: build_engines(None, root / p, p, progress=False, **({"external_data_threshold": 0} if p == "int4" else {}))
+            for p in ["fp32", *QUANTIZED]}
 
 
 @pytest.mark.parametrize("precision", QUANTIZED)
@@ -52,6 +54,7 @@ def test_weight_matmuls_are_quantized_and_the_rest_stays_float32(quantized, prec
 
 
 def test_quantized_folders_are_smaller(quantized):
+    assert load_manifest(quantized["int4"])["parts"]["denoiser"]["files"] == ["denoiser.onnx", "denoiser.onnx_data"]
     def weight_bytes(folder):
         return sum(p.stat().st_size for p in folder.glob("*.onnx*"))
 
