@@ -26,6 +26,7 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager, suppress
+from functools import partial
 from pathlib import Path
 
 import onnx
@@ -34,7 +35,7 @@ from safetensors.torch import save_file
 
 import llada_v
 from llada_v import CheckpointError, LladaV, LladaVConfig
-from llada_v.weights import checkpoint_config, checkpoint_files, copy_tokenizer, load_model_streaming_layers
+from llada_v.weights import CheckpointReader, copy_tokenizer, load_model_streaming_layers
 
 from . import trt_build
 from .manifest import EMBEDDINGS_FILE, MANIFEST_FILE, Manifest, PartEntry, checkpoint_sha256
@@ -43,7 +44,7 @@ from .onnx_export import (EXTERNAL_DATA_THRESHOLD, PRECISIONS, TORCH_DTYPES, dim
 from .quantize import BITS, BLOCK_SIZE, dequantize_into
 from .trt_build import EngineBuildError
 from .validate import ValidationError, check_part, reference_cases
-from .wrappers import transpose_linear_weights, wrap
+from .wrappers import weightless_model, wrap
 
 BACKENDS = ("onnx", "tensorrt")
 
@@ -71,7 +72,7 @@ def build_engines(model_dir: Path | None, out_dir: Path, precision: str = "fp16"
     log = _Progress(progress)
     model_dir = Path(model_dir) if model_dir is not None else llada_v.SHIPPED_MODEL_DIR
     out_dir = Path(os.path.abspath(out_dir))  # abspath, not absolute(): `..` must not stay in the name
-    cfg = _check_request(model_dir, out_dir, precision, backend)
+    reader = _check_request(model_dir, out_dir, precision, backend)
     start = time.perf_counter()
     try:
         with _parent_folders(out_dir), _build_lock(out_dir):
@@ -80,15 +81,17 @@ def build_engines(model_dir: Path | None, out_dir: Path, precision: str = "fp16"
             if reason := _replace_refusal(out_dir, force):
                 raise BuildError(reason)
             with _staging_folder(out_dir) as staging:
-                manifest = _assemble(model_dir, cfg, precision, backend, staging, out_dir, external_data_threshold, log)
+                manifest = _assemble(reader, precision, backend, staging, out_dir, external_data_threshold, log)
                 _publish(staging, out_dir, force)
+    except CheckpointError as err:  # a shard that became unreadable during the build (the headers were checked)
+        raise BuildError(f"{err}; nothing was written") from err
     except OSError as err:
         hint = "free some space or choose another --out" if err.errno == errno.ENOSPC else "choose another --out"
         raise BuildError(f"cannot write the engines folder {out_dir} ({err}): {hint}; nothing was written") from err
     except MemoryError as err:
         # benchmarks/scale.py measured peaks of 1.3-1.7x the weights in the dtype they are traced in (float32
         # for int8/int4: the model traced and the reference that holds their dequantized weights).
-        needed = _weight_count(cfg) * TORCH_DTYPES[PRECISIONS[precision]].itemsize * 1.7
+        needed = _weight_count(reader.cfg) * TORCH_DTYPES[PRECISIONS[precision]].itemsize * 1.7
         raise BuildError(f"ran out of memory building the engines of {model_dir}: a {precision} build needs about "
                          f"{needed / 1e9:.0f} GB of memory; free memory or build on a larger machine; nothing was "
                          f"written") from err
@@ -97,8 +100,9 @@ def build_engines(model_dir: Path | None, out_dir: Path, precision: str = "fp16"
     return out_dir
 
 
-def _check_request(model_dir: Path, out_dir: Path, precision: str, backend: str) -> LladaVConfig:
-    """Everything that can be checked before touching the disk; returns the checkpoint's config."""
+def _check_request(model_dir: Path, out_dir: Path, precision: str, backend: str) -> CheckpointReader:
+    """Everything that can be checked before touching the disk; returns the checkpoint's reader (checked: every
+    tensor there, in its shape)."""
     if precision not in PRECISIONS:
         raise BuildError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if backend not in BACKENDS:
@@ -117,12 +121,12 @@ def _check_request(model_dir: Path, out_dir: Path, precision: str, backend: str)
     if not (model_dir / "tokenizer.json").is_file():
         raise BuildError(f"{model_dir} has no tokenizer.json: the engines folder must carry the checkpoint's tokenizer")
     try:
-        cfg = checkpoint_config(model_dir)
-        checkpoint_files(model_dir)  # reads the safetensors headers: missing, truncated or foreign files
+        reader = CheckpointReader(model_dir)  # reads the safetensors headers: missing, truncated or foreign files
+        reader.check()
     except CheckpointError as err:
         raise BuildError(str(err)) from err
-    _check_disk(cfg, precision, out_dir)
-    return cfg
+    _check_disk(reader.cfg, precision, out_dir)
+    return reader
 
 
 # Bytes a weight takes in the finished engines (int8/int4: the levels and one fp32 scale per block of 32).
@@ -277,26 +281,25 @@ def _staging_folder(out_dir: Path):
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _assemble(model_dir: Path, cfg: LladaVConfig, precision: str, backend: str, staging: Path, out_dir: Path,
+def _assemble(reader: CheckpointReader, precision: str, backend: str, staging: Path, out_dir: Path,
               external_data_threshold: int, log: "_Progress") -> Manifest:
     """Write the whole engines folder into staging; returns its manifest (saved there too).
 
-    One large thing in memory at a time: the export-precision model while the parts are traced, then one
-    part's graph while it is written (quantized), then the float32 reference while it computes the
-    expected outputs, then one ONNX Runtime session while it is compared with them."""
+    One large thing in memory at a time: the graphs are traced from a model without weights
+    (wrappers.weightless_model) and each weight is read from the checkpoint as it is written; then one
+    part's graph while it is written (quantized one weight at a time), then the float32 reference while it
+    computes the expected outputs, then one ONNX Runtime session while it is compared with them."""
+    model_dir, cfg = reader.folder, reader.cfg
     specs = part_specs(cfg, precision)
-    with log.step(f"loading {model_dir} ({precision})"):
-        model = _load(model_dir, TORCH_DTYPES[PRECISIONS[precision]])
-        transpose_linear_weights(model)
+    dtype = TORCH_DTYPES[PRECISIONS[precision]]
+    model, weights = weightless_model(cfg, dtype), partial(_checkpoint_weight, reader, dtype)
     traced = {}
     for name, spec in specs.items():
         graph = wrap(name, model)
         weight_bytes = sum(p.numel() * p.element_size() for p in graph.parameters())
         with log.step(f"tracing {name}"):
-            traced[name] = trace_part(graph, spec, staging), weight_bytes > external_data_threshold
-    _write_support_files(model, cfg, precision, model_dir, staging)
-    del model, graph
-    gc.collect()
+            traced[name] = trace_part(graph, spec, staging, weights), weight_bytes > external_data_threshold
+    _write_support_files(reader, precision, staging)
     manifest = Manifest(precision, model_dir.absolute(), cfg.language.max_position_embeddings)
     ranges = dim_ranges(cfg)
     for name, (path, external) in traced.items():
@@ -313,40 +316,43 @@ def _assemble(model_dir: Path, cfg: LladaVConfig, precision: str, backend: str, 
     return manifest
 
 
-def _load(model_dir: Path, dtype: torch.dtype, streaming_layers: bool = False) -> LladaV:
-    try:
-        if streaming_layers:
-            return load_model_streaming_layers(model_dir, dtype)
-        return llada_v.load_model(model_dir, dtype=dtype)
-    except CheckpointError as err:
-        raise BuildError(str(err)) from err
+def _checkpoint_weight(reader: CheckpointReader, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """A traced parameter, read from the checkpoint: `X.weight_t` of a TransposedLinear is X.weight transposed."""
+    if name.endswith(".weight_t"):
+        return reader.tensor(name.removesuffix("_t"), dtype).t()
+    return reader.tensor(name, dtype)
 
 
-def _write_support_files(model: LladaV, cfg: LladaVConfig, precision: str, model_dir: Path, staging: Path) -> None:
+def _write_support_files(reader: CheckpointReader, precision: str, staging: Path) -> None:
     """Embeddings (in the engines' precision; int8/int4 keep the table in fp16, half an 8B model's 2 GB of
     float32 rows), config and tokenizer: what the runtime needs besides the parts."""
-    table = model.denoiser.embed_tokens.weight
-    tensors = {"embed_tokens": table.half() if precision in BITS else table}
-    if cfg.has_vision:
-        tensors["image_newline"] = model.image_newline
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, staging / EMBEDDINGS_FILE)
-    cfg.save(staging / "config.json")
-    copy_tokenizer(model_dir, staging)
+    dtype = TORCH_DTYPES[PRECISIONS[precision]]
+    tensors = {"embed_tokens": reader.tensor("denoiser.embed_tokens.weight", torch.float16 if precision in BITS else dtype)}
+    if reader.cfg.has_vision:
+        tensors["image_newline"] = reader.tensor("image_newline", dtype)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, staging / EMBEDDINGS_FILE)
+    reader.cfg.save(staging / "config.json")
+    copy_tokenizer(reader.folder, staging)
 
 
 def _validate_all(model_dir: Path, specs: dict, precision: str, staging: Path, manifest: Manifest,
                   log: "_Progress") -> None:
     """The float32 reference computes every part's expected outputs first and is freed; then each part's
     ONNX Runtime session is compared with them, one session at a time. The reference reads each
-    transformer layer from the checkpoint while it runs (load_model_streaming_layers), except for
-    int8/int4, whose reference layers hold the graph's own weights dequantized for the whole check."""
+    transformer layer from the checkpoint while it runs (load_model_streaming_layers); for int8/int4 each
+    layer then takes the graph's own weights, dequantized (quantize.py says why)."""
+    quantized = [onnx.load(staging / f"{name}.onnx", load_external_data=False) for name in specs] \
+        if precision in BITS else []
+
+    def dequantize(prefix: str, module: torch.nn.Module) -> None:
+        for proto in quantized:
+            dequantize_into(module, proto, staging, prefix)
+
     with log.step("loading the float32 reference"):
-        reference = _load(model_dir, torch.float32, streaming_layers=precision not in BITS)
+        reference = load_model_streaming_layers(model_dir, torch.float32, dequantize if quantized else None)
     cases = {}
     for name, spec in specs.items():
         with log.step(f"running the float32 reference for {name}"):
-            if precision in BITS:  # the reference takes the graph's weights (quantize.py says why)
-                dequantize_into(reference, onnx.load(staging / f"{name}.onnx"))
             cases[name] = reference_cases(spec, reference)
     del reference
     gc.collect()

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +58,7 @@ from torch import nn
 
 from llada_v import LladaVConfig
 
-from .quantize import BITS, quantize
+from .quantize import BITS, quantize_file
 
 OPSET = 17
 # Precision -> dtype of the graphs' activations (and their inputs/outputs). int8/int4 quantize the weights
@@ -167,18 +168,24 @@ def dim_ranges(cfg: LladaVConfig) -> dict[str, DimRange]:
     return ranges
 
 
-def trace_part(graph: nn.Module, spec: PartSpec, out_dir: Path) -> Path:
+def trace_part(graph: nn.Module, spec: PartSpec, out_dir: Path,
+               weights: Callable[[str], torch.Tensor] | None = None) -> Path:
     """Trace the part into a scratch folder in out_dir: `.<part>.export/model.onnx`, its weights in
     `<part>.onnx_data` beside it; returns model.onnx. The exporter runs with export_params=False, so it
     never holds the weights itself (with them it keeps a serialised copy of a graph under 2 GB, and
-    writes a file per tensor above); the weights are written from the module one tensor at a time.
-    finish_part turns the scratch folder into the part's files, so the model can be freed in between."""
+    writes a file per tensor above); the weights are then written one tensor at a time, each asked of
+    `weights` by its parameter name in `graph` (default: the graph's own parameters; the build reads them
+    from the checkpoint and traces a wrappers.weightless_model). finish_part turns the scratch folder into
+    the part's files."""
+    if weights is None:
+        weights = dict(graph.named_parameters()).__getitem__
     scratch = out_dir / f".{spec.name}.export"
     scratch.mkdir()
     try:
         _trace_to_onnx(graph, spec, scratch / "model.onnx")
         proto = onnx.load(scratch / "model.onnx")  # the graph alone: its weights are still inputs
-        _weights_to_initializers(proto, spec, dict(graph.named_parameters()), scratch, f"{spec.name}.onnx_data")
+        _weights_to_initializers(proto, spec, dict(graph.named_parameters()), weights, scratch,
+                                 f"{spec.name}.onnx_data")
         onnx.save_model(proto, scratch / "model.onnx")
     except BaseException:
         shutil.rmtree(scratch)
@@ -194,9 +201,8 @@ def finish_part(traced: Path, spec: PartSpec, out_dir: Path, external_data: bool
     data = f"{spec.name}.onnx_data"
     try:
         if precision in BITS or not external_data:
-            proto = onnx.load(traced)  # with its weights: the quantizer needs them, small parts keep them inline
-            if precision in BITS:
-                proto = quantize(proto, precision)
+            # Quantized, or with its weights inline (a small part).
+            proto = quantize_file(traced, precision) if precision in BITS else onnx.load(traced)
             onnx.save_model(proto, path, save_as_external_data=external_data, location=data,
                             size_threshold=EXTERNAL_TENSOR_MIN_BYTES, convert_attribute=True)
         else:
@@ -208,23 +214,30 @@ def finish_part(traced: Path, spec: PartSpec, out_dir: Path, external_data: bool
 
 
 def _weights_to_initializers(proto: onnx.ModelProto, spec: PartSpec, params: dict[str, torch.Tensor],
-                             folder: Path, location: str) -> None:
+                             weights: Callable[[str], torch.Tensor], folder: Path, location: str) -> None:
     """Turn the graph inputs that export_params=False made of the module's parameters into initializers,
-    their data written to folder/location (page-aligned, so ONNX Runtime can map them)."""
-    weights = [value for value in proto.graph.input if value.name not in spec.input_names]
-    unknown = [value.name for value in weights if value.name not in params]
+    their data (`weights(name)`, checked against the parameter's shape and dtype) written to folder/location
+    page-aligned, so ONNX Runtime can map them."""
+    inputs = [value for value in proto.graph.input if value.name not in spec.input_names]
+    unknown = [value.name for value in inputs if value.name not in params]
     if unknown:
         raise RuntimeError(f"{spec.name}: the traced graph takes inputs {unknown[:4]} that are neither the part's "
                            f"inputs nor parameters of its module")
     with open(folder / location, "wb") as data:
-        for value in weights:
-            array = params[value.name].detach().contiguous().cpu().numpy()
+        for value in inputs:
+            tensor = weights(value.name)
+            param = params[value.name]
+            if tensor.shape != param.shape or tensor.dtype != param.dtype:
+                raise RuntimeError(f"{spec.name}: weight {value.name} is {tensor.dtype} {list(tensor.shape)}, the "
+                                   f"traced module's parameter {param.dtype} {list(param.shape)}")
+            array = tensor.detach().contiguous().cpu().numpy()
+            del tensor
             offset = _pad_to_page(data)
             length = data.write(array.reshape(-1).view(np.uint8))
-            tensor = onnx.TensorProto(name=value.name, dims=array.shape,
-                                      data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype))
-            _point_at(tensor, location, offset, length)
-            proto.graph.initializer.append(tensor)
+            initializer = onnx.TensorProto(name=value.name, dims=array.shape,
+                                           data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype))
+            _point_at(initializer, location, offset, length)
+            proto.graph.initializer.append(initializer)
     kept = [value for value in proto.graph.input if value.name in spec.input_names]
     del proto.graph.input[:]
     proto.graph.input.extend(kept)

@@ -25,11 +25,13 @@ points the zero point is 2^(bits - 1).
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
 from onnx import numpy_helper
+from onnx.external_data_helper import ExternalDataInfo, load_external_data_for_model, uses_external_data
 from torch import nn
 
 BITS = {"int8": 8, "int4": 4}
@@ -59,10 +61,38 @@ def quantize(proto: onnx.ModelProto, precision: str) -> onnx.ModelProto:
     return quantizer.model.model
 
 
-def dequantize_into(model: nn.Module, proto: onnx.ModelProto) -> int:
-    """Write every MatMulNBits weight of `proto`, dequantized, into the nn.Linear of `model` it was exported
-    from; returns how many. The exporter names a node after its module's scope, e.g.
-    `/denoiser/layers.0/self_attn/q_proj/MatMul`, and the quantizer appends `_Q4` / `_Q8`."""
+def quantize_file(path: Path, precision: str) -> onnx.ModelProto:
+    """`quantize` of a traced graph whose weights are external data beside it (onnx_export.trace_part's), in
+    memory one float weight at a time: the graph is loaded without its data and the quantizer reads each
+    weight itself (through onnx_ir, which maps the file at a tensor's location); the float tensors left
+    (norm weights, biases) are loaded into the proto afterwards."""
+    proto = onnx.load(path, load_external_data=False)
+    external = [t for t in proto.graph.initializer if uses_external_data(t)]
+    for tensor in external:  # onnx_ir resolves a location against the current folder: make it absolute
+        _set_location(tensor, str(path.parent / ExternalDataInfo(tensor).location))
+    proto = quantize(proto, precision)
+    for tensor in proto.graph.initializer:
+        if uses_external_data(tensor):
+            _set_location(tensor, Path(ExternalDataInfo(tensor).location).name)
+    load_external_data_for_model(proto, str(path.parent))
+    return proto
+
+
+def _set_location(tensor: onnx.TensorProto, location: str) -> None:
+    (entry,) = (e for e in tensor.external_data if e.key == "location")
+    entry.value = location
+
+
+def dequantize_into(model: nn.Module, proto: onnx.ModelProto, base_dir: Path | None = None, prefix: str = "") -> int:
+    """Write the MatMulNBits weights of `proto`, dequantized, into the nn.Linear layers of `model` they were
+    exported from; returns how many. The exporter names a node after its module's scope, e.g.
+    `/denoiser/layers.0/self_attn/q_proj/MatMul`, and the quantizer appends `_Q4` / `_Q8`.
+
+    prefix: the module name of `model` inside the exported one (e.g. `denoiser.layers.0`, a layer the
+    streaming reference just read): only the nodes under it are written. Linear layers still on the meta
+    device (streamed layers not read yet) are left alone. base_dir: where the external data of a proto
+    loaded without it is; each weight is read from there when it is written, so memory holds one at a time.
+    """
     initializers = {t.name: t for t in proto.graph.initializer}
     modules = dict(model.named_modules())
     count = 0
@@ -70,10 +100,16 @@ def dequantize_into(model: nn.Module, proto: onnx.ModelProto) -> int:
         if node.op_type != QUANTIZED_OP:
             continue
         path = node.name.strip("/").rsplit("/", 1)[0].replace("/", ".")
+        if prefix:
+            if not path.startswith(prefix + "."):
+                continue
+            path = path[len(prefix) + 1:]
         linear = modules.get(path)
         if not isinstance(linear, nn.Linear):
             raise QuantizationError(f"quantized node {node.name} names no linear layer of the model ({path!r})")
-        weight = _dequantize(node, initializers)
+        if linear.weight.is_meta:
+            continue
+        weight = _dequantize(node, initializers, base_dir)
         if weight.shape != tuple(linear.weight.shape):
             raise QuantizationError(f"quantized node {node.name} holds a {weight.shape} weight, {path} has "
                                     f"{tuple(linear.weight.shape)}")
@@ -83,14 +119,14 @@ def dequantize_into(model: nn.Module, proto: onnx.ModelProto) -> int:
     return count
 
 
-def _dequantize(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> np.ndarray:
+def _dequantize(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto], base_dir: Path | None) -> np.ndarray:
     """The float32 weight [N, K] of a symmetric MatMulNBits node."""
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     k, n, bits, block = attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]
     if len(node.input) > 3 and node.input[3]:
         raise QuantizationError(f"{node.name} has zero points; this project quantizes symmetrically")
-    packed = numpy_helper.to_array(initializers[node.input[1]])
-    scales = numpy_helper.to_array(initializers[node.input[2]]).astype(np.float32).reshape(n, -1)
+    packed, scales = (_array(initializers[name], base_dir) for name in node.input[1:3])
+    scales = scales.astype(np.float32).reshape(n, -1)
     if bits == 4:
         levels = np.stack((packed & 0x0F, packed >> 4), axis=-1).reshape(n, -1)
     else:
@@ -98,3 +134,13 @@ def _dequantize(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto])
     zero_point = 1 << (bits - 1)
     weight = (levels.astype(np.float32) - zero_point).reshape(n, -1, block) * scales[:, :, None]
     return weight.reshape(n, -1)[:, :k]
+
+
+def _array(tensor: onnx.TensorProto, base_dir: Path | None) -> np.ndarray:
+    """A tensor's values, its external data read from base_dir into a copy (to_array would load it into the
+    proto itself, which would then hold every weight read)."""
+    if not uses_external_data(tensor):
+        return numpy_helper.to_array(tensor)
+    copy = onnx.TensorProto()
+    copy.CopyFrom(tensor)
+    return numpy_helper.to_array(copy, str(base_dir))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llada_v import LladaV
+from llada_v import LladaV, LladaVConfig
 
 
 class VisionGraph(nn.Module):
@@ -79,6 +79,24 @@ class TransposedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x @ self.weight_t
         return out if self.bias is None else out + self.bias
+
+
+def weightless_model(cfg: LladaVConfig, dtype: torch.dtype) -> LladaV:
+    """LladaV of `cfg` to trace the graphs from, without its weights: linear layers transposed as the build
+    traces them, every parameter a placeholder of its shape and `dtype` that holds one element (expanded).
+    The exporter traces with export_params=False and writes the weights from the checkpoint, so their
+    values never matter to the trace; an 8B model is traced in the memory of its graph. Each placeholder
+    holds its own number: the exporter merges parameters of equal values into one initializer."""
+    with torch.device("meta"):
+        model = LladaV(cfg)
+    transpose_linear_weights(model)
+    params = [(module, name, param) for module in model.modules() for name, param in module.named_parameters(recurse=False)]
+    if len(params) > 2048:  # float16 holds every integer up to 2048 exactly
+        raise ValueError(f"{len(params)} parameters: more than the placeholders can tell apart")
+    for number, (module, name, param) in enumerate(params, start=1):
+        placeholder = torch.full((), number, dtype=dtype).expand(param.shape)
+        setattr(module, name, nn.Parameter(placeholder, requires_grad=False))
+    return model.eval()
 
 
 def transpose_linear_weights(model: nn.Module) -> None:

@@ -8,10 +8,11 @@ import dataclasses
 import json
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
+from torch import nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -135,30 +136,26 @@ def checkpoint_config(folder: str | Path) -> LladaVConfig:
 def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LladaV:
     """Build LladaV from a checkpoint folder (LLaDA-V, or a plain LLaDA language model), its vocabulary
     cut to the tokenizer's length (checkpoint_config)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise CheckpointError(f"checkpoint folder {folder} does not exist")
-    reader = _Reader(folder)
+    reader = CheckpointReader(folder)
+    reader.check()
     model = reader.meta_model()
-    state = reader.read(lambda name: True, dtype, device)
-    unexpected = reader.unexpected + [to_checkpoint_key(n) for n in state if n not in reader.shapes]
-    missing = [to_checkpoint_key(n) for n in reader.shapes if n not in state]
-    if missing or unexpected:
-        raise CheckpointError(f"{folder} does not match its config.json: missing tensors {missing[:8]}"
-                              f"{' ...' if len(missing) > 8 else ''}, unexpected tensors {unexpected[:8]}"
-                              f"{' ...' if len(unexpected) > 8 else ''}")
-    model.load_state_dict(state, strict=True, assign=True)
+    model.load_state_dict(reader.read(lambda name: True, dtype, device), strict=True, assign=True)
     return model.eval()
 
 
-def load_model_streaming_layers(folder: str | Path, dtype: torch.dtype = torch.float32) -> LladaV:
+def load_model_streaming_layers(folder: str | Path, dtype: torch.dtype = torch.float32,
+                                on_load: Callable[[str, nn.Module], None] | None = None) -> LladaV:
     """LladaV of a checkpoint folder whose transformer layers (the denoiser's and the vision encoder's) hold
     their weights only while they run: each is read from the safetensors when it is called and dropped
     (back to the meta device) when it returns. Everything else (embeddings, head, norms, projector) is
     loaded as by load_model. Memory: those parts and one layer; each call of the model reads every layer
     again, so it suits a few calls (the exporter's reference outputs), not decoding. The checkpoint is
-    assumed checked (load_model raises for it)."""
-    reader = _Reader(Path(folder))
+    assumed checked (load_model raises for it).
+
+    on_load(prefix, module): called once the resident weights are in (with "" and the model, whose layers
+    are still on the meta device) and whenever a layer has been read (with its module name and the layer),
+    e.g. to replace weights the exporter quantized with their dequantized values."""
+    reader = CheckpointReader(folder)
     model = reader.meta_model()
     layers = {name: module for name, module in model.named_modules() if re.fullmatch(r".*\.layers\.\d+", name)}
 
@@ -167,10 +164,14 @@ def load_model_streaming_layers(folder: str | Path, dtype: torch.dtype = torch.f
 
     resident = reader.read(lambda name: not in_layer(name), dtype, "cpu")
     model.load_state_dict(resident, strict=False, assign=True)
+    if on_load is not None:
+        on_load("", model)
     for prefix, layer in layers.items():
         def load(module, args, prefix=prefix):
             state = reader.read(lambda name: name.startswith(prefix + "."), dtype, "cpu")
             module.load_state_dict({name[len(prefix) + 1:]: t for name, t in state.items()}, strict=True, assign=True)
+            if on_load is not None:
+                on_load(prefix, module)
 
         def drop(module, args, output):
             module.to("meta")
@@ -180,10 +181,14 @@ def load_model_streaming_layers(folder: str | Path, dtype: torch.dtype = torch.f
     return model.eval()
 
 
-class _Reader:
-    """A checkpoint's tensors by module name, in the shapes its config implies (vocabulary rows cut)."""
+class CheckpointReader:
+    """A checkpoint's tensors by module name, in the shapes its config implies (vocabulary rows cut), read
+    from the safetensors files when asked for (the exporter reads one tensor at a time)."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: str | Path):
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise CheckpointError(f"checkpoint folder {folder} does not exist")
         self.folder = folder
         stored_vocab = LladaVConfig.from_file(folder / "config.json").language.vocab_size
         self.cfg = checkpoint_config(folder)
@@ -209,8 +214,24 @@ class _Reader:
         with torch.device("meta"):
             return LladaV(self.cfg)
 
-    def read(self, wanted, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
-        """The tensors whose module names `wanted` accepts."""
+    def check(self) -> None:
+        """CheckpointError unless the tensors are exactly the config's parameters, in its shapes (read from
+        the files' headers only)."""
+        missing = [to_checkpoint_key(n) for n in self.shapes if n not in self.locations]
+        extra = [key for name, (_, key) in self.locations.items() if name not in self.shapes]
+        unexpected = self.unexpected + extra
+        if missing or unexpected:
+            raise CheckpointError(f"{self.folder} does not match its config.json: missing tensors {missing[:8]}"
+                                  f"{' ...' if len(missing) > 8 else ''}, unexpected tensors {unexpected[:8]}"
+                                  f"{' ...' if len(unexpected) > 8 else ''}")
+        self.read(lambda name: True, None, "meta")
+
+    def tensor(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """One tensor by its module name, e.g. `denoiser.layers.0.mlp.up_proj.weight`."""
+        return self.read(lambda n: n == name, dtype, "cpu")[name]
+
+    def read(self, wanted, dtype: torch.dtype | None, device) -> dict[str, torch.Tensor]:
+        """The tensors whose module names `wanted` accepts; on the meta device only their shapes are checked."""
         by_file: dict[Path, list[tuple[str, str]]] = {}
         for name, (path, key) in self.locations.items():
             if wanted(name):
@@ -226,6 +247,8 @@ class _Reader:
                         if shape != implied:
                             raise CheckpointError(f"{key} in {path.name} has shape {shape}, the config implies "
                                                   f"{implied}")
+                        if torch.device(device).type == "meta":
+                            continue
                         tensor = tensor[:self.cfg.language.vocab_size] if name in self.stored_shapes else tensor[:]
                         state[name] = tensor.to(device=device, dtype=dtype)
             except (OSError, SafetensorError) as err:

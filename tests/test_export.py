@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import shutil
 import sys
 import warnings
 from types import SimpleNamespace
@@ -311,6 +312,64 @@ def test_traced_parts_carry_their_weights_in_one_data_file(reference, tmp_path, 
     assert not traced.parent.exists()
     got = open_session(tmp_path / "projector.onnx").run(None, inputs)[0]
     np.testing.assert_allclose(got, want, rtol=0, atol=REL_TOL["fp32"] * np.abs(want).max())
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_weightless_trace_with_checkpoint_weights_is_the_trace_of_the_loaded_model(tmp_path, precision):
+    """The build traces wrappers.weightless_model (placeholders of one element each) and writes each weight
+    from the checkpoint: the same graph and the same weight bytes as tracing the loaded model."""
+    from functools import partial
+
+    from exporter.build import _checkpoint_weight
+    from exporter.onnx_export import PRECISIONS, TORCH_DTYPES
+    from exporter.wrappers import transpose_linear_weights, weightless_model
+    from llada_v.weights import CheckpointReader
+
+    dtype = TORCH_DTYPES[PRECISIONS[precision]]
+    reader = CheckpointReader(llada_v.SHIPPED_MODEL_DIR)
+    loaded = llada_v.load_model(llada_v.SHIPPED_MODEL_DIR, dtype=dtype)
+    transpose_linear_weights(loaded)
+    weightless = weightless_model(reader.cfg, dtype)
+    placeholders = list(weightless.parameters())
+    assert all(p.untyped_storage().nbytes() == p.element_size() for p in placeholders)
+    assert len({p.item() if p.dim() == 0 else p.reshape(-1)[0].item() for p in placeholders}) == len(placeholders)
+    (tmp_path / "plain").mkdir(), (tmp_path / "streamed").mkdir()
+    for name, spec in part_specs(reader.cfg, precision).items():
+        plain = onnx.load(trace_part(wrap(name, loaded), spec, tmp_path / "plain"))
+        streamed = onnx.load(trace_part(wrap(name, weightless), spec, tmp_path / "streamed",
+                                        partial(_checkpoint_weight, reader, dtype)))
+        assert [(n.op_type, list(n.input)) for n in streamed.graph.node] == \
+            [(n.op_type, list(n.input)) for n in plain.graph.node]
+        assert [(t.name, t.raw_data) for t in streamed.graph.initializer] == \
+            [(t.name, t.raw_data) for t in plain.graph.initializer]
+        for folder in ("plain", "streamed"):
+            shutil.rmtree(tmp_path / folder / f".{name}.export")
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_the_build_never_holds_the_whole_model(precision, tmp_path, monkeypatch):
+    """The build reads the checkpoint one tensor at a time (the trace, the embeddings) or one layer at a time
+    (the reference, besides its embeddings and head): never all of it, as load_model does."""
+    from llada_v.weights import CheckpointReader
+
+    def whole_model(*args, **kwargs):
+        pytest.fail("the build loaded the whole model")
+
+    monkeypatch.setattr(llada_v, "load_model", whole_model)
+    monkeypatch.setattr(llada_v.weights, "load_model", whole_model)
+    read_sizes = []
+    read = CheckpointReader.read
+
+    def counted_read(self, wanted, dtype, device):
+        state = read(self, wanted, dtype, device)
+        read_sizes.append(sum(t.numel() for t in state.values()))
+        return state
+
+    monkeypatch.setattr(CheckpointReader, "read", counted_read)
+    build_engines(None, tmp_path / "engines", precision, progress=False)
+    with torch.device("meta"):
+        total = sum(p.numel() for p in llada_v.LladaV(llada_v.weights.checkpoint_config(llada_v.SHIPPED_MODEL_DIR)).parameters())
+    assert 0 < max(read_sizes) < total / 4
 
 
 def test_every_weight_matmul_reads_its_initializer_directly(engines):

@@ -6,6 +6,7 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, numpy_helper, shape_inference
+from onnx.external_data_helper import uses_external_data
 
 import llada_v
 from benchmarks.demo_model.data import load_examples
@@ -13,10 +14,11 @@ from benchmarks.demo_model.evaluate import runtime_predictor
 from exporter import build_engines, load_manifest
 from exporter.build import BuildError
 from exporter.onnx_export import part_specs
-from exporter.quantize import BITS, BLOCK_SIZE, QUANTIZED_OP, dequantize_into, quantize
+from exporter.quantize import BITS, BLOCK_SIZE, QUANTIZED_OP, dequantize_into, quantize, quantize_file
 from exporter.validate import check_part, reference_cases
 from exporter.onnx_export import trace_part
 from exporter.wrappers import transpose_linear_weights, wrap
+from llada_v.weights import load_model_streaming_layers
 
 QUANTIZED = list(BITS)
 
@@ -82,6 +84,44 @@ def test_dequantized_weights_are_the_quantizers_rounding_of_the_originals(precis
         err = (param.detach().reshape(blocks.shape) - blocks).abs() / step
         assert err.max() <= 1 + 1e-4 and 0.2 < err.mean() < 0.3, name
         assert not torch.equal(param, original[name])
+
+
+@pytest.mark.parametrize("precision", QUANTIZED)
+def test_streamed_quantization_is_the_quantizer_on_the_loaded_graph(precision, tmp_path):
+    """quantize_file (weights read by the quantizer one at a time from the trace's data file) gives the graph
+    and the weights that quantize gives on the graph loaded with all its weights."""
+    exported = llada_v.load_model(llada_v.SHIPPED_MODEL_DIR)
+    transpose_linear_weights(exported)
+    spec = part_specs(exported.config, precision)["denoiser"]
+    traced = trace_part(wrap("denoiser", exported), spec, tmp_path)
+    plain = quantize(onnx.load(traced), precision)
+    streamed = quantize_file(traced, precision)
+    assert [(n.op_type, list(n.input)) for n in streamed.graph.node] == [(n.op_type, list(n.input)) for n in plain.graph.node]
+    assert not any(uses_external_data(t) for t in streamed.graph.initializer)
+    assert {t.name: numpy_helper.to_array(t).tobytes() for t in streamed.graph.initializer} == \
+        {t.name: numpy_helper.to_array(t).tobytes() for t in plain.graph.initializer}
+
+
+def test_streaming_reference_takes_the_dequantized_weights_layer_by_layer(quantized):
+    """The build's int8/int4 reference: each layer read from the checkpoint, then given the graph's weights
+    (read from the external data one at a time), computes what a loaded model holding them all computes."""
+    folder = quantized["int4"]
+    proto = onnx.load(folder / "denoiser.onnx", load_external_data=False)
+    loaded = llada_v.load_model(llada_v.SHIPPED_MODEL_DIR)
+    assert dequantize_into(loaded, onnx.load(folder / "denoiser.onnx")) == 7 * loaded.config.language.num_hidden_layers + 1
+    written = []
+
+    def dequantize(prefix, module):
+        written.append((prefix, dequantize_into(module, proto, folder, prefix)))
+
+    streamed = load_model_streaming_layers(llada_v.SHIPPED_MODEL_DIR, on_load=dequantize)
+    assert written == [("", 1)]  # the head; the layers are not read yet
+    spec = part_specs(loaded.config, "int4")["denoiser"]
+    want, got = reference_cases(spec, loaded), reference_cases(spec, streamed)
+    for expected, actual in zip(want, got):
+        for a, b in zip(actual.expected, expected.expected, strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert ("denoiser.layers.0", 7) in written
 
 
 def test_validation_fails_on_a_weight_put_in_the_wrong_place(quantized, tmp_path):
