@@ -60,7 +60,7 @@ class Pipeline:
     @classmethod
     def load(cls, path: str | Path, backend: str = "onnxruntime", *, device: str | None = None,
              dtype: torch.dtype = torch.float32, providers: list[str] | None = None,
-             fused_cache: bool | None = None, image_cache_mb: float = 0) -> "Pipeline":
+             fused_cache: bool = True, image_cache_mb: float = 0) -> "Pipeline":
         """An engines folder with backend "onnxruntime" or "tensorrt", or a checkpoint folder with "torch".
 
         device: "cpu" or "cuda" (default: "cuda" for tensorrt, else "cpu"); dtype (torch only): the

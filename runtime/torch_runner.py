@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 import llada_v
-from llada_v.denoiser import apply_rotary, rotary_cos_sin
+from llada_v.denoiser import MASKED_SCORE, apply_rotary, rotary_cos_sin
 
 from .runner import Runner, resolve_device
 
@@ -15,15 +16,18 @@ from .runner import Runner, resolve_device
 class TorchRunner(Runner):
     """Runs a checkpoint folder (not an engines folder) with PyTorch.
 
-    fused_cache: run the cached pass as in-place slot writes + `triton_kernels.attention` (the Triton
-    kernel on CUDA) instead of the module's forward. None = on CUDA when the kernel supports the head
-    dim and dtype.
+    fused_cache: run the cached pass in place (each layer writes the queries' fresh K/V into their cache
+    slots and attends over the whole buffer in one fused attention: the Triton kernel on CUDA where it
+    supports the head dim and dtype, PyTorch's scaled_dot_product_attention otherwise), instead of the
+    module's forward (the explicit attention the ONNX graphs are traced from, with the fresh and the
+    cached keys apart). Measured on the benchmark model's dual-cache step (32 queries, 930 slots, 2 CPU
+    threads): see README "Tests, precision, GPUs". False runs the module's forward, the plain version.
     """
 
     name = "torch"
 
     def __init__(self, checkpoint: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 fused_cache: bool | None = None):
+                 fused_cache: bool = True):
         super().__init__()
         self.checkpoint = Path(checkpoint)
         self.device = resolve_device(device, "torch")
@@ -48,13 +52,8 @@ class TorchRunner(Runner):
         self.image_newline = self.model.image_newline.detach() if self.config.has_vision else None
         from triton_kernels.reference import SUPPORTED_HEAD_DIMS
 
-        supported = self.config.language.head_dim in SUPPORTED_HEAD_DIMS and self.dtype != torch.bfloat16
-        if self.fused_cache is None:
-            self.fused_cache = self.device.type == "cuda" and supported
-        elif self.fused_cache and not supported:
-            raise ValueError(f"fused_cache=True needs a head dim in {SUPPORTED_HEAD_DIMS} and float16/float32 weights "
-                             f"(the attention kernel's), this model has head dim {self.config.language.head_dim} in "
-                             f"{self.dtype}: use fused_cache=None")
+        self.triton_attention = (self.device.type == "cuda" and self.dtype != torch.bfloat16
+                                 and self.config.language.head_dim in SUPPORTED_HEAD_DIMS)
 
     def _deactivate_impl(self) -> None:
         self.model = self.embed_table = self.image_newline = None
@@ -100,6 +99,11 @@ class TorchRunner(Runner):
         slots = slice(query_start, query_start + q_len)
         key_mask = past_mask.bool()
         key_mask[:, slots] = attention_mask.bool()
+        # The additive form of the module's masks, so a row with no key to read (a free place of the batch) gets
+        # finite logits as there; no mask at all where every slot is read (one unpadded row: the common case).
+        masked_score = max(MASKED_SCORE, torch.finfo(x.dtype).min)
+        key_bias = None if bool(key_mask.all()) else \
+            torch.where(key_mask, 0.0, masked_score).to(x.dtype)[:, None, None, :]
         cos, sin = rotary_cos_sin(position_ids, lm.head_dim, lm.rope_theta)
         for i, layer in enumerate(den.layers):
             attn = layer.self_attn
@@ -109,7 +113,10 @@ class TorchRunner(Runner):
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
             past_keys[i, :, :, slots] = k
             past_values[i, :, :, slots] = v
-            out = triton_kernels.attention(q, past_keys[i], past_values[i], key_mask=key_mask)
+            if self.triton_attention:
+                out = triton_kernels.attention(q, past_keys[i], past_values[i], key_mask=key_mask)
+            else:  # its CPU kernels keep the softmax statistics in fp32, as the explicit form does
+                out = F.scaled_dot_product_attention(q, past_keys[i], past_values[i], attn_mask=key_bias)
             x = x + attn.o_proj(out.transpose(1, 2).reshape(b, q_len, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         hidden = torch.gather(x, 1, logits_index[..., None].expand(-1, -1, x.shape[-1]))

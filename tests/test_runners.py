@@ -172,9 +172,11 @@ def test_runner_must_be_activated(engines_dir):
         runner.embed(torch.zeros(1, dtype=torch.int64))
 
 
-def test_fused_cached_pass_matches_the_module_forward(tmp_path):
-    """The GPU path of the torch runner (slot writes + triton_kernels.attention), run here through the
-    kernels' PyTorch reference on a model whose head dim the kernel supports."""
+@pytest.mark.parametrize("triton_attention", [False, True], ids=["sdpa", "triton-kernel-path"])
+def test_fused_cached_pass_matches_the_module_forward(tmp_path, triton_attention):
+    """The torch runner's in-place cached pass (slot writes + one fused attention over the buffer) against the
+    module's forward, on left-padded rows and on one unpadded row (no mask). The Triton branch (CUDA) runs here
+    through triton_kernels.attention's PyTorch reference, on a model whose head dim the kernel supports."""
     lm = llada_v.LanguageConfig(vocab_size=425, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                                 num_attention_heads=4, num_key_value_heads=4, rope_theta=10000.0,
                                 max_position_embeddings=512)
@@ -185,22 +187,42 @@ def test_fused_cached_pass_matches_the_module_forward(tmp_path):
             if p.dim() > 1:
                 p.normal_(0, 0.05)
     llada_v.save_model(model, tmp_path, tokenizer_folder=llada_v.SHIPPED_MODEL_DIR)
-    plain, fused = TorchRunner(tmp_path, fused_cache=False).activate(), TorchRunner(tmp_path, fused_cache=True).activate()
+    plain, fused = TorchRunner(tmp_path, fused_cache=False).activate(), TorchRunner(tmp_path).activate()
+    fused.triton_attention = triton_attention
     embeds, positions, mask = denoiser_inputs(plain, length=16)
     _, keys, values = plain.denoise_full(embeds, positions, mask, torch.zeros(2, 1, dtype=torch.int64))
-    for start, end in ((8, 12), (8, 16)):  # dual: the block; prefix: the block and what follows
-        past_mask = mask.clone()
-        past_mask[:, start:end] = 0
-        args = (embeds[:, start:end], positions[:, start:end], mask[:, start:end],
-                torch.arange(4).expand(2, 4))
-        expected = plain.denoise_cached(*args, keys.clone(), values.clone(), past_mask, start)
-        got = fused.denoise_cached(*args, keys.clone(), values.clone(), past_mask, start)
-        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    changed = embeds + 0.5 * torch.randn(embeds.shape, generator=torch.Generator().manual_seed(1))  # new tokens
+    for rows in (slice(0, 2), slice(0, 1)):
+        for start, end in ((8, 12), (8, 16)):  # dual: the block; prefix: the block and what follows
+            past_mask = mask[rows].clone()
+            past_mask[:, start:end] = 0
+            args = (changed[rows, start:end], positions[rows, start:end], mask[rows, start:end],
+                    torch.arange(4).expand(past_mask.shape[0], 4))
+            cache = keys[:, rows].contiguous(), values[:, rows].contiguous()
+            with torch.inference_mode():
+                expected, fresh_keys, fresh_values = plain.model.denoiser(*args, *cache, past_mask)
+            got = fused.denoise_cached(*args, *cache, past_mask, start)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+            # The queries' fresh K/V went into their slots; every other slot is as it was.
+            torch.testing.assert_close(cache[0][:, :, :, start:end], torch.stack(fresh_keys), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(cache[1][:, :, :, start:end], torch.stack(fresh_values), atol=1e-5, rtol=1e-5)
+            for buffer, original in zip(cache, (keys, values)):
+                assert torch.equal(buffer[:, :, :, :start], original[:, rows, :, :start])
+                assert torch.equal(buffer[:, :, :, end:], original[:, rows, :, end:])
 
 
-def test_fused_cache_needs_a_supported_head_dim():
-    with pytest.raises(ValueError, match="fused_cache=True needs a head dim in"):
-        TorchRunner(llada_v.SHIPPED_MODEL_DIR, fused_cache=True).activate()
+def test_fused_cached_pass_of_a_row_with_no_key_is_finite(tmp_path):
+    """A batch's free place (all its slots masked) must not turn into NaN, as in the module's forward."""
+    runner = TorchRunner(llada_v.SHIPPED_MODEL_DIR).activate()
+    embeds, positions, mask = denoiser_inputs(runner, length=12)
+    _, keys, values = runner.denoise_full(embeds, positions, mask, torch.zeros(2, 1, dtype=torch.int64))
+    past_mask = mask.clone()
+    past_mask[1] = 0
+    query_mask = mask[:, 8:12].clone()
+    query_mask[1] = 0
+    logits = runner.denoise_cached(embeds[:, 8:12], positions[:, 8:12], query_mask, arange(4, runner), keys,
+                                   values, past_mask, 8)
+    assert torch.isfinite(logits).all()
 
 
 # ---- loading errors ------------------------------------------------------------------------------------
@@ -267,6 +289,10 @@ def _rewrite_embeddings(folder, edit):
     save_file(tensors, folder / "embeddings.safetensors")
 
 
+# The shipped model's vocabulary: its tokenizer's length (the loader cuts the head to it).
+SHIPPED_VOCAB = len(llada_v.load_tokenizer(llada_v.SHIPPED_MODEL_DIR))
+
+
 @pytest.mark.parametrize("corrupt, match", [
     (lambda f: _edit_manifest(f, lambda m: m.update(parts=list(m["parts"]))), "parts must be an object"),
     (lambda f: _edit_manifest(f, lambda m: m["parts"].update(vision="vision.onnx")), "part 'vision' must be an object"),
@@ -282,11 +308,11 @@ def _rewrite_embeddings(folder, edit):
     (lambda f: _edit_config(f, num_hidden_layers=2), "is not the denoiser graph of a 2-layer model"),
     (lambda f: _edit_config(f, hidden_size=96, num_attention_heads=2, num_key_value_heads=2),
      "hidden_size 96: config.json was changed after the build"),
-    (lambda f: _edit_config(f, vocab_size=300), "gives logits of width 375 but config.json implies 300"),
+    (lambda f: _edit_config(f, vocab_size=300), f"gives logits of width {SHIPPED_VOCAB} but config.json implies 300"),
     (lambda f: _truncate(f / "embeddings.safetensors"), "cannot read .*embeddings.safetensors"),
     (lambda f: _rewrite_embeddings(f, lambda t: t.pop("embed_tokens")), "holds embed_tokens of shape None"),
     (lambda f: _rewrite_embeddings(f, lambda t: t.update(embed_tokens=t["embed_tokens"][:10])),
-     "holds embed_tokens of shape \\[10, 192\\], config.json implies \\[375, 192\\]"),
+     f"holds embed_tokens of shape \\[10, 192\\], config.json implies \\[{SHIPPED_VOCAB}, 192\\]"),
 ])
 def test_malformed_engines_folders_are_refused_when_opened(engines_dir, tmp_path, corrupt, match):
     folder = copy_engines(engines_dir, tmp_path)
