@@ -59,17 +59,21 @@ def engines_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def no_eot_model_dir(tmp_path_factory):
-    """The shipped model made never to answer <|eot_id|>: every embedding gets a component along one channel,
-    which survives to the final norm, and eot's lm_head row reads only that channel, strongly negatively
-    (the mirror of test_pipeline's always-eot model), so no early exit can happen. The component is small
-    (+2), so the other logits keep their margins: a larger one flattens the normed state onto that channel
-    and leaves near-ties that the rounding of another batch shape flips."""
+    """The shipped model made never to answer <|eot_id|>: one channel of the residual stream is kept out of every
+    layer's writes (its rows of o_proj and down_proj zeroed) and every token embedding gets +2 on it, so at every
+    answer position it is positive into the final norm, whose weight on it is positive; eot's lm_head row reads
+    only that channel, strongly negatively (the mirror of test_pipeline's always-eot model), so no early exit can
+    happen, whatever numerics the loops use."""
     folder = tmp_path_factory.mktemp("no-eot")
     model = llada_v.load_model(llada_v.SHIPPED_MODEL_DIR)
     eot = llada_v.SpecialTokens.from_tokenizer(llada_v.load_tokenizer(llada_v.SHIPPED_MODEL_DIR)).eot
+    channel = int(model.denoiser.norm.weight.argmax())
     with torch.no_grad():
-        model.denoiser.embed_tokens.weight[:, 0] += 2.0
+        for layer in model.denoiser.layers:
+            layer.self_attn.o_proj.weight[channel] = 0.0
+            layer.mlp.down_proj.weight[channel] = 0.0
+        model.denoiser.embed_tokens.weight[:, channel] += 2.0
         model.denoiser.lm_head.weight[eot] = 0.0
-        model.denoiser.lm_head.weight[eot, 0] = -1000.0
+        model.denoiser.lm_head.weight[eot, channel] = -1000.0
     llada_v.save_model(model, folder, tokenizer_folder=llada_v.SHIPPED_MODEL_DIR)
     return folder

@@ -9,8 +9,8 @@ import torch
 from benchmarks.demo_model import data
 from benchmarks.demo_model.data import Scene, Shape, draw, make_example
 from benchmarks.demo_model.evaluate import accuracy, normalize, token_f1
-from benchmarks.demo_model.train import (Encoder, diffusion_loss, init_weights, make_tokenizer, mask_response,
-                                         training_step)
+from benchmarks.demo_model.train import (LONG_RESPONSE_LENGTH, RESPONSE_LENGTH, Encoder, diffusion_loss, init_weights,
+                                         make_tokenizer, mask_response, training_step)
 from llada_v import LladaV, load_tokenizer
 from llada_v.config import tiny_config
 from llada_v.image_processing import preprocess
@@ -32,12 +32,33 @@ def test_generator_is_deterministic():
 
 
 def test_splits_are_disjoint_and_eval_is_balanced():
-    evals = data.load_examples("eval", 0, limit=100)
-    trains = [make_example("train", 0, i) for i in range(300)]
+    evals = data.load_examples("eval", 0, limit=120)
+    trains = [make_example("train", 0, i, long=i % 2 == 0) for i in range(300)]
     assert not {_digest(e) for e in evals} & {_digest(e) for e in trains}
     counts = {k: sum(e.kind == k for e in evals) for k in data.QUESTION_TYPES}
-    assert set(counts.values()) == {100 // len(data.QUESTION_TYPES)}
+    assert set(counts.values()) == {120 // len(data.QUESTION_TYPES)}
     assert {e.kind for e in trains} == set(data.TRAINING_TYPES)  # training adds "position"; the held-out split does not
+    assert data.EVAL_SIZE % len(data.QUESTION_TYPES) == 0
+
+
+def test_descriptions_name_every_object_in_reading_order_and_only_long_batches_ask_them():
+    short = [make_example("train", 0, i) for i in range(200)]
+    long = [make_example("train", 0, i, long=True) for i in range(200)]
+    assert not {e.kind for e in short} & set(data.LONG_TYPES)
+    described = [e for e in long if e.kind == "describe"]
+    assert 70 < len(described) < 130  # half of a long batch
+    for ex in described:
+        ordered = sorted(ex.scene.objects, key=lambda o: (o.cell[1], o.cell[0]))
+        assert len(ordered) >= 2
+        phrases = ex.answer.split(", ")
+        assert [p.split(" ")[1:3] for p in phrases] == [[o.colour, o.shape] for o in ordered]
+        assert [p.split(" at the ")[1] for p in phrases] == [data.CELL_NAMES[o.cell] for o in ordered]
+    scene = _scene()
+    question, answer = data._question(scene, "describe", __import__("random").Random(0))
+    assert (question, answer) == ("Describe the picture.", "a red square at the top left, a blue circle at the top "
+                                  "right, a green triangle at the bottom right")
+    with pytest.raises(ValueError, match="held-out split is the full task"):
+        make_example("eval", 0, 0, long=True)
 
 
 def test_images_exercise_several_tile_grids():
@@ -190,7 +211,17 @@ def test_one_training_step(tmp_path):
     encoder = Encoder(tokenizer, model.config)
     examples = [make_example("train", 0, i) for i in range(4)]
     batch = [encoder.encode(ex.image, ex.question, ex.answer) for ex in examples]
-    assert all(len(b.response) == 8 and b.response[-1] == encoder.special.eos for b in batch)
+    assert all(len(b.response) == RESPONSE_LENGTH and b.response[-1] == encoder.special.eos for b in batch)
+    long = [make_example("train", 0, i, long=True) for i in range(8)]
+    assert any(ex.kind == "describe" for ex in long)
+    lengths = [len(tokenizer(ex.answer, add_special_tokens=False)["input_ids"]) + 1  # with <|eot_id|>
+               for ex in data.load_examples("eval", 0, limit=120) if ex.kind in data.LONG_TYPES]
+    assert 16 <= min(lengths) and max(lengths) <= 48
+    long_batch = [encoder.encode(ex.image, ex.question, ex.answer, LONG_RESPONSE_LENGTH) for ex in long]
+    assert all(len(b.response) == LONG_RESPONSE_LENGTH for b in long_batch)
+    with pytest.raises(ValueError, match="more than the response length 8"):
+        encoder.encode(long[0].image, "Describe the picture.", "a red square at the top left, a blue circle at the top right")
+    assert math.isfinite(training_step(model, long_batch, encoder.special.mask, torch.Generator().manual_seed(0)).item())
     loss = training_step(model, batch, encoder.special.mask, torch.Generator().manual_seed(0))
     loss.backward()
     assert math.isfinite(loss.item())

@@ -1,7 +1,8 @@
 """A synthetic visual QA task for the shipped demo model, generated deterministically from a seed.
 
-Each example is one image of 1 to 4 flat shapes on a plain background, one question and a one-word
-answer. Objects sit centred in distinct cells of a 2x2 layout grid, at 70-90% of the cell, so "left
+Each example is one image of 1 to 4 flat shapes on a plain background, one question and its answer: one
+word, or for "Describe the picture." every object with its colour, shape and cell in reading order (16 to 32
+tokens). Objects sit centred in distinct cells of a 2x2 layout grid, at 70-90% of the cell, so "left
 of" / "above" compare cell columns / rows and are never ambiguous; in a scene every object has its own
 shape and its own colour, so "the square" or "the red shape" names exactly one object. (Objects
 placed anywhere inside their cell left shape at chance after 176k training examples: a 32 px patch
@@ -9,9 +10,10 @@ then sees each shape at many offsets; centred, one-object scenes learn shape in 
 Image sizes (48 to 192 px, aspect ratios up to 2) make the anyres grid pick 1x1 up to 3x3 tiles of
 64 px; in the 64 px overview tile every layout cell is one 32 px patch of the shipped model.
 
-Question types: colour, shape, count, relation (left/right, above/below) and two_step ("What colour
-is the shape left of the square?"); training adds position ("Is the square left or right?"). Example
-`i` of a split depends only on (split, seed, i) and, for the training curriculum's first stage, `perception`.
+Question types: colour, shape, count, relation (left/right, above/below), two_step ("What colour is the
+shape left of the square?") and describe (scenes of 2 or more objects: "a red circle at the top left, a blue
+square at the bottom right"); training adds position ("Is the square left or right?"). Example `i` of a split
+depends only on (split, seed, i) and, for training, the curriculum's `perception` stage and `long` batches.
 """
 
 from __future__ import annotations
@@ -24,18 +26,20 @@ from PIL import Image, ImageDraw
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 70, 230),
            "yellow": (240, 220, 20), "purple": (150, 40, 190), "orange": (250, 140, 10)}
 SHAPES = ("circle", "square", "triangle", "diamond")
-QUESTION_TYPES = ("colour", "shape", "count", "relation", "two_step")  # the held-out split's
+QUESTION_TYPES = ("colour", "shape", "count", "relation", "two_step", "describe")  # the held-out split's
+LONG_TYPES = ("describe",)  # answers of 16 to 32 tokens; the others are one word
 # Training also asks which half of the image one object is in ("position"), the one question whose answer is an
 # object's place alone. On a multi-tile image an object's zoomed-in grid tokens carry vision positions inside their
 # tile; only its overview token knows its layout cell. (The shipped model answers it at 87% on fresh scenes.)
 TRAINING_TYPES = QUESTION_TYPES + ("position",)
 PERCEPTION_TYPES = ("shape", "position")
 SPLITS = ("train", "eval")
-EVAL_SIZE = 200
+EVAL_SIZE = 240  # 40 per question type
 LAYOUT = 2  # every scene is a 2x2 grid of cells, one object at most per cell
 MAX_OBJECTS = LAYOUT * LAYOUT
 # "left of" a cell = a smaller column; "above" = a smaller row.
 DIRECTIONS = {"left of": (-1, 0), "right of": (1, 0), "above": (0, -1), "below": (0, 1)}
+CELL_NAMES = {(0, 0): "top left", (1, 0): "top right", (0, 1): "bottom left", (1, 1): "bottom right"}
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,12 @@ def _question(scene: Scene, kind: str, rng: random.Random) -> tuple[str, str] | 
         return f"What shape is the {obj.colour} one?", obj.shape
     if kind == "count":
         return "How many shapes are there?", str(len(objs))
+    if kind == "describe":
+        if len(objs) < 2:
+            return None
+        ordered = sorted(objs, key=lambda o: (o.cell[1], o.cell[0]))
+        return "Describe the picture.", ", ".join(f"{'an' if o.colour[0] in 'aeiou' else 'a'} {o.colour} {o.shape} at the {CELL_NAMES[o.cell]}"
+                                                  for o in ordered)
     if kind == "position":  # training only: which half of the image one object is in
         obj = rng.choice(objs)
         if rng.random() < 0.5:
@@ -153,21 +163,26 @@ def _question(scene: Scene, kind: str, rng: random.Random) -> tuple[str, str] | 
     return f"What shape is {direction} {_name(ref, rng)}?", target.shape
 
 
-def make_example(split: str, seed: int, index: int, perception: bool = False) -> Example:
-    """Example `index` of `split`: a function of (split, seed, index, perception) only.
+def make_example(split: str, seed: int, index: int, perception: bool = False, long: bool = False) -> Example:
+    """Example `index` of `split`: a function of (split, seed, index, perception, long) only.
 
-    `perception` gives the first stage of the training curriculum (benchmarks/demo_model/train.py): one
-    object on a single tile, and the question asks its shape or its position.
+    Training examples (benchmarks/demo_model/train.py): `perception` gives the curriculum's first stage, one
+    object on a single tile whose shape or position is asked; otherwise a one-word question, or with `long`
+    (a batch trained at the long response length) a description half of the time.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if perception and split == "eval":
-        raise ValueError("the held-out split is the full task: perception examples are for training only")
+    if (perception or long) and split == "eval":
+        raise ValueError("the held-out split is the full task: perception and long batches are for training only")
     rng = random.Random(f"{split}:{seed}:{index}")
-    if perception:
+    if split == "eval":
+        kind = QUESTION_TYPES[index % len(QUESTION_TYPES)]
+    elif perception:
         kind = rng.choice(PERCEPTION_TYPES)
+    elif long and rng.random() < 0.5:
+        kind = rng.choice(LONG_TYPES)
     else:
-        kind = QUESTION_TYPES[index % len(QUESTION_TYPES)] if split == "eval" else rng.choice(TRAINING_TYPES)
+        kind = rng.choice([k for k in TRAINING_TYPES if k not in LONG_TYPES])
     while True:  # redraw the scene until the question type has an answer in it
         scene = random_scene(rng, perception)
         qa = _question(scene, kind, rng)
@@ -188,7 +203,7 @@ def prompt_text(question: str) -> str:
 
 def corpus(seed: int = 0, count: int = 2000) -> list[str]:
     """Questions and answers of the task, for training the tokenizer."""
-    examples = [make_example("train", seed, i) for i in range(count)]
+    examples = [make_example("train", seed, i, long=i % 2 == 0) for i in range(count)]
     return [text for ex in examples for text in (ex.question, ex.answer)]
 
 

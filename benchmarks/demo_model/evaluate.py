@@ -23,11 +23,33 @@ import torch
 
 from llada_v import SHIPPED_MODEL_DIR, SpecialTokens, load_model, load_tokenizer
 
-from .data import QUESTION_TYPES, Example, load_examples
+from .data import LONG_TYPES, QUESTION_TYPES, Example, load_examples
 from .train import Encoder, denoise, prompt_embeddings
 
-# The decoding the demo model was trained for: one block of 8 tokens, one token per step.
-GEN_LENGTH = BLOCK_LENGTH = STEPS = 8
+# The decodings the demo model was trained for, one token per step: one-word answers in one block of 8 tokens,
+# descriptions in 64 (two blocks of 32).
+SHORT_DECODING = {"gen_length": 8, "block_length": 8, "steps": 8}
+LONG_DECODING = {"gen_length": 64, "block_length": 32, "steps": 64}
+
+
+def decoding_for(kind: str) -> dict:
+    return LONG_DECODING if kind in LONG_TYPES else SHORT_DECODING
+
+
+def by_decoding(predict_with: Callable[[list[Example], dict], list[str]], decode: dict) -> "Predictor":
+    """A predictor that decodes every example with `decode`, or when it is empty each with its kind's decoding
+    (the examples of one decoding in one call, the answers back in the order of the examples)."""
+    def predict(examples: list[Example]) -> list[str]:
+        groups: dict[tuple, list[int]] = {}
+        for i, ex in enumerate(examples):
+            groups.setdefault(tuple(sorted((decode or decoding_for(ex.kind)).items())), []).append(i)
+        answers: list[str] = [""] * len(examples)
+        for settings, indices in groups.items():
+            for i, text in zip(indices, predict_with([examples[i] for i in indices], dict(settings))):
+                answers[i] = text
+        return answers
+
+    return predict
 
 __all__ = ["load_examples", "normalize", "is_exact_match", "token_f1", "accuracy", "reference_predictor",
            "runtime_predictor"]
@@ -82,8 +104,8 @@ def accuracy(predictions: list[str], examples: list[Example]) -> dict:
 # ---- the reference loop (plain LLaDA, no cache) -----------------------------------------------
 
 @torch.no_grad()
-def reference_generate(model, encoder: Encoder, examples: list[Example], gen_length: int = GEN_LENGTH,
-                       block_length: int = BLOCK_LENGTH, steps: int = STEPS) -> list[str]:
+def reference_generate(model, encoder: Encoder, examples: list[Example], gen_length: int, block_length: int,
+                       steps: int) -> list[str]:
     """The reference loop on a batch of examples; answers end at <|eot_id|>."""
     special: SpecialTokens = encoder.special
     prompts = prompt_embeddings(model, [encoder.encode(ex.image, ex.question) for ex in examples])
@@ -148,31 +170,31 @@ def commit_most_confident(x: torch.Tensor, logits: torch.Tensor, eligible: torch
 
 
 def reference_predictor(model_dir: str | Path = SHIPPED_MODEL_DIR, batch_size: int = 50, **decode) -> Predictor:
-    """The reference loop as a predictor, decoding `batch_size` examples at a time."""
+    """The reference loop as a predictor, decoding `batch_size` examples at a time (`decode`: gen_length,
+    block_length and steps for every example; default: each example's kind's)."""
     model = load_model(model_dir).eval()
     encoder = Encoder(load_tokenizer(model_dir), model.config)
 
-    def predict(examples: list[Example]) -> list[str]:
+    def predict_with(examples: list[Example], settings: dict) -> list[str]:
         return [text for i in range(0, len(examples), batch_size)
-                for text in reference_generate(model, encoder, examples[i:i + batch_size], **decode)]
+                for text in reference_generate(model, encoder, examples[i:i + batch_size], **settings)]
 
-    return predict
+    return by_decoding(predict_with, decode)
 
 
 def runtime_predictor(path: str | Path, backend: str = "torch", cache: str = "none", refresh_interval: int = 1,
-                      gen_length: int = GEN_LENGTH, block_length: int = BLOCK_LENGTH, steps: int = STEPS,
-                      **config) -> Predictor:
-    """The project's runtime as a predictor."""
+                      decode: dict | None = None, **config) -> Predictor:
+    """The project's runtime as a predictor (`decode`: as in reference_predictor; `config`: more
+    GenerationConfig fields)."""
     from runtime import GenerationConfig, Pipeline
 
     pipe = Pipeline.load(path, backend=backend)
-    generation = GenerationConfig(gen_length=gen_length, block_length=block_length, steps=steps, cache=cache,
-                                  refresh_interval=refresh_interval, **config)
 
-    def predict(examples: list[Example]) -> list[str]:
+    def predict_with(examples: list[Example], settings: dict) -> list[str]:
+        generation = GenerationConfig(**settings, cache=cache, refresh_interval=refresh_interval, **config)
         return [pipe.generate(ex.question, image=ex.image, config=generation).text for ex in examples]
 
-    return predict
+    return by_decoding(predict_with, decode or {})
 
 
 def main() -> None:

@@ -3,9 +3,12 @@
     python -m benchmarks.demo_model.train [--out DIR] [--steps N] [--minutes M] [--seed S]
 
 LLaDA-V's objective (the paper's Eq. 1, as in LLaDA's SFT): the image and the prompt stay clean;
-each response token (answer + <|eot_id|> + <|endoftext|> padding up to RESPONSE_LENGTH = 8) is
+each response token (answer + <|eot_id|> + <|endoftext|> padding up to the response length) is
 replaced by the mask token with probability t ~ U(0, 1), drawn per example; the loss is the
-cross-entropy on masked tokens weighted by 1/t and divided by the response length. The vision
+cross-entropy on masked tokens weighted by 1/t and divided by the response length. Every
+`long_every`-th step of the full task is a long batch (LONG_RESPONSE_LENGTH = 64: half descriptions, half
+one-word questions, so that those learn to end in a long response too); the others are one-word questions at
+RESPONSE_LENGTH = 8, which costs the denoiser a third of the positions. The vision
 tower, projector and denoiser are trained together, through the real LLaDA-V path: preprocess ->
 encode_tiles -> merge_tile_embeddings -> spliced into the embedded prompt -> denoiser.
 
@@ -48,6 +51,7 @@ from llada_v.tokenizer import SYSTEM_PROMPT, load_tokenizer
 from .data import corpus, make_example, prompt_text
 
 RESPONSE_LENGTH = 8
+LONG_RESPONSE_LENGTH = 64  # the longest description is 32 tokens; the dial is measured at gen_length 64
 MASK_EPS = 1e-3  # LLaDA's forward process: t is drawn from [eps, 1] so 1/t stays bounded
 
 
@@ -86,8 +90,8 @@ class Encoded:
 class Encoder:
     """Tokenises prompts (cached: questions repeat) and answers, preprocesses images."""
 
-    def __init__(self, tokenizer, cfg, response_length: int = RESPONSE_LENGTH):
-        self.tokenizer, self.cfg, self.response_length = tokenizer, cfg, response_length
+    def __init__(self, tokenizer, cfg):
+        self.tokenizer, self.cfg = tokenizer, cfg
         self.special = SpecialTokens.from_tokenizer(tokenizer)
         self._prompts: dict[str, list[int]] = {}
 
@@ -96,14 +100,14 @@ class Encoder:
             self._prompts[question] = conversation_ids(self.tokenizer, [{"role": "user", "content": prompt_text(question)}])
         return self._prompts[question]
 
-    def response_ids(self, answer: str) -> list[int]:
+    def response_ids(self, answer: str, length: int = RESPONSE_LENGTH) -> list[int]:
         ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.special.eot]
-        if len(ids) > self.response_length:
-            raise ValueError(f"answer {answer!r} needs {len(ids)} tokens, more than the response length {self.response_length}")
-        return ids + [self.special.eos] * (self.response_length - len(ids))
+        if len(ids) > length:
+            raise ValueError(f"answer {answer!r} needs {len(ids)} tokens, more than the response length {length}")
+        return ids + [self.special.eos] * (length - len(ids))
 
-    def encode(self, image, question: str, answer: str | None = None) -> Encoded:
-        response = None if answer is None else self.response_ids(answer)
+    def encode(self, image, question: str, answer: str | None = None, response_length: int = RESPONSE_LENGTH) -> Encoded:
+        response = None if answer is None else self.response_ids(answer, response_length)
         return Encoded(self.prompt_ids(question), preprocess(image, self.cfg), response)
 
 
@@ -174,13 +178,15 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
 @dataclass(frozen=True)
 class TrainConfig:
     """The training recipe; its defaults are the shipped model's."""
-    steps: int = 11000
+    steps: int = 10000
     batch_size: int = 16
     lr: float = 2e-4
     weight_decay: float = 0.1
     warmup: int = 150
     vision_lr_scale: float = 1.0  # learning-rate factor of the image path
     perception_steps: int = 1000  # the curriculum's first stage: one object per image, its shape or position asked
+    long_every: int = 4  # every long_every-th step of the full task is a long batch (0: none)
+    long_batch_size: int = 8  # a long batch costs the denoiser 4x the positions of a short one
     seed: int = 0
     vocab_size: int = 1024
     threads: int = 2
@@ -213,9 +219,11 @@ def train(out: Path, cfg: TrainConfig = TrainConfig(), minutes: float | None = N
         bar = tqdm(range(cfg.steps), desc="train", dynamic_ncols=True)
         for step in bar:
             perception = step < cfg.perception_steps
-            examples = [make_example("train", cfg.seed, step * cfg.batch_size + j, perception)
-                        for j in range(cfg.batch_size)]
-            batch = [encoder.encode(ex.image, ex.question, ex.answer) for ex in examples]
+            long = not perception and cfg.long_every > 0 and step % cfg.long_every == cfg.long_every - 1
+            examples = [make_example("train", cfg.seed, step * cfg.batch_size + j, perception, long)
+                        for j in range(cfg.long_batch_size if long else cfg.batch_size)]
+            length = LONG_RESPONSE_LENGTH if long else RESPONSE_LENGTH
+            batch = [encoder.encode(ex.image, ex.question, ex.answer, length) for ex in examples]
             step_lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
             for group in opt.param_groups:
                 group["lr"] = step_lr * group["lr_scale"]
@@ -259,6 +267,8 @@ def main() -> None:
     parser.add_argument("--perception-steps", type=int, default=recipe.perception_steps,
                         help="the curriculum's first stage: one object per image, its shape or position asked "
                              "(0: none)")
+    parser.add_argument("--long-every", type=int, default=recipe.long_every,
+                        help="every N-th step of the full task is a long batch (descriptions; 0: none)")
     parser.add_argument("--seed", type=int, default=recipe.seed)
     parser.add_argument("--threads", type=int, default=recipe.threads)
     parser.add_argument("--minutes", type=float, default=None, help="stop early once this much time is spent")
@@ -268,7 +278,8 @@ def main() -> None:
     args = parser.parse_args()
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                       warmup=args.warmup, vision_lr_scale=args.vision_lr_scale,
-                      perception_steps=args.perception_steps, seed=args.seed, threads=args.threads)
+                      perception_steps=args.perception_steps, long_every=args.long_every, seed=args.seed,
+                      threads=args.threads)
     train(args.out, cfg, minutes=args.minutes, save_every=args.save_every, stop_after=args.stop_after)
 
 
