@@ -67,13 +67,14 @@ def quantize_file(path: Path, precision: str) -> onnx.ModelProto:
     weight itself (through onnx_ir, which maps the file at a tensor's location); the float tensors left
     (norm weights, biases) are loaded into the proto afterwards."""
     proto = onnx.load(path, load_external_data=False)
-    external = [t for t in proto.graph.initializer if uses_external_data(t)]
-    for tensor in external:  # onnx_ir resolves a location against the current folder: make it absolute
-        _set_location(tensor, str(path.parent / ExternalDataInfo(tensor).location))
+    locations = {t.name: ExternalDataInfo(t).location for t in proto.graph.initializer if uses_external_data(t)}
+    for tensor in proto.graph.initializer:  # onnx_ir resolves a location against the current folder: make it absolute
+        if tensor.name in locations:
+            _set_location(tensor, str(path.parent / locations[tensor.name]))
     proto = quantize(proto, precision)
     for tensor in proto.graph.initializer:
         if uses_external_data(tensor):
-            _set_location(tensor, Path(ExternalDataInfo(tensor).location).name)
+            _set_location(tensor, locations[tensor.name])
     load_external_data_for_model(proto, str(path.parent))
     return proto
 

@@ -211,7 +211,7 @@ def test_fused_cached_pass_matches_the_module_forward(tmp_path, triton_attention
                 assert torch.equal(buffer[:, :, :, end:], original[:, rows, :, end:])
 
 
-def test_fused_cached_pass_of_a_row_with_no_key_is_finite(tmp_path):
+def test_fused_cached_pass_of_a_row_with_no_key_is_finite():
     """A batch's free place (all its slots masked) must not turn into NaN, as in the module's forward."""
     runner = TorchRunner(llada_v.SHIPPED_MODEL_DIR).activate()
     embeds, positions, mask = denoiser_inputs(runner, length=12)

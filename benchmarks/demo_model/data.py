@@ -135,8 +135,9 @@ def _question(scene: Scene, kind: str, rng: random.Random) -> tuple[str, str] | 
         if len(objs) < 2:
             return None
         ordered = sorted(objs, key=lambda o: (o.cell[1], o.cell[0]))
-        return "Describe the picture.", ", ".join(f"{'an' if o.colour[0] in 'aeiou' else 'a'} {o.colour} {o.shape} at the {CELL_NAMES[o.cell]}"
-                                                  for o in ordered)
+        phrases = [f"{'an' if o.colour[0] in 'aeiou' else 'a'} {o.colour} {o.shape} at the {CELL_NAMES[o.cell]}"
+                   for o in ordered]
+        return "Describe the picture.", ", ".join(phrases)
     if kind == "position":  # training only: which half of the image one object is in
         obj = rng.choice(objs)
         if rng.random() < 0.5:

@@ -7,8 +7,8 @@ each response token (answer + <|eot_id|> + <|endoftext|> padding up to the respo
 replaced by the mask token with probability t ~ U(0, 1), drawn per example; the loss is the
 cross-entropy on masked tokens weighted by 1/t and divided by the response length. Every
 `long_every`-th step of the full task is a long batch (LONG_RESPONSE_LENGTH = 64: half descriptions, half
-one-word questions, so that those learn to end in a long response too); the others are one-word questions at
-RESPONSE_LENGTH = 8, which costs the denoiser a third of the positions. The vision
+one-word questions, so that those learn to end in a long response too); the others are 16 one-word questions at
+RESPONSE_LENGTH = 8. The vision
 tower, projector and denoiser are trained together, through the real LLaDA-V path: preprocess ->
 encode_tiles -> merge_tile_embeddings -> spliced into the embedded prompt -> denoiser.
 
@@ -17,8 +17,10 @@ A curriculum of two stages: for the first `--perception-steps` steps each image 
 with the full task, shape stayed at chance); the rest is the full task, position questions included so that
 reading an object's place is not forgotten.
 
-The shipped weights are this command with its defaults (fixed seed, fp32, 2 threads): 11,000 steps of 16
-examples, 25 minutes on this project's 2-core machine. A different thread count changes float summation
+The shipped weights are this command with its defaults (fixed seed, fp32, 2 threads): 10,000 steps, 47.6
+minutes on this project's 2-core machine on 2026-12-02 (a step of 16 one-word questions 307 ms, a long batch
+259 ms, a perception step ~150 ms; the previous 11,000-step recipe, reported at 25 minutes on an earlier day,
+would take ~54 minutes on that one). A different thread count changes float summation
 order, so weights come out close but not bitwise equal. `--minutes` only stops a run early on a slower
 machine; `--stop-after N` reproduces a `--save-every` checkpoint of the same schedule.
 
@@ -186,7 +188,7 @@ class TrainConfig:
     vision_lr_scale: float = 1.0  # learning-rate factor of the image path
     perception_steps: int = 1000  # the curriculum's first stage: one object per image, its shape or position asked
     long_every: int = 4  # every long_every-th step of the full task is a long batch (0: none)
-    long_batch_size: int = 8  # a long batch costs the denoiser 4x the positions of a short one
+    long_batch_size: int = 8  # 8 long examples cost about what 16 one-word ones do (259 vs 307 ms a step)
     seed: int = 0
     vocab_size: int = 1024
     threads: int = 2
