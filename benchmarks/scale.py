@@ -7,11 +7,13 @@ LLaDA-8B's 126,464 at 4096, so `--params 8e9` is LLaDA-8B's shape; bf16 safetens
 layout, written tensor by tensor), then per precision, each phase in its own process so that its peak
 RSS is its own:
 - build: `exporter.build_engines` (what `python -m exporter build --precision P --model CKPT` runs); peak RSS
-  over the engines' weight bytes, seconds per GB of engines weights, and per step its seconds and the
-  largest RSS sampled while it ran.
+  over the engines' weight bytes, and what the build adds to the process it starts in (the interpreter with
+  torch and ONNX Runtime imported, ~0.35 GB whatever the model's size), seconds per GB of engines weights,
+  and per step its seconds and the largest RSS sampled while it ran.
 - serve: `Pipeline.load(engines, "onnxruntime")` and one text generation (dual cache); RSS after loading
   and at the end over the engines' weight bytes; the KV cache's bytes are reported separately.
-Projection to 8B: LLaDA-8B's 8.0e9 parameters in the same precision, times the measured ratio.
+Projection to 8B: the process's starting RSS plus LLaDA-8B's 8.0e9 parameters in the same precision times the
+measured ratio of what the phase added.
 The vision tower (5% of LLaDA-V) is left out: a text-only checkpoint exercises the same denoiser path.
 """
 
@@ -119,15 +121,18 @@ def phase_build(checkpoint: Path, engines: Path, precision: str) -> dict:
 
     from exporter.build import build_engines
 
-    log, step_peaks, done = io.StringIO(), {}, threading.Event()
+    log, step_starts, step_peaks, step_hwm, done = io.StringIO(), {}, {}, {}, threading.Event()
 
     def sample():
         while not done.wait(0.05):
             lines = log.getvalue().splitlines()
             if lines and lines[-1].endswith(" ..."):
-                step = lines[-1][:-4]
-                step_peaks[step] = max(step_peaks.get(step, 0), rss())
+                step, now = lines[-1][:-4], rss()
+                step_starts.setdefault(step, now)  # what the step found: memory the steps before it left
+                step_peaks[step] = max(step_peaks.get(step, 0), now)
+                step_hwm[step] = peak_rss()  # the process's peak so far: catches what 50 ms sampling misses
 
+    before = rss()  # the interpreter with torch and ONNX Runtime imported: what any build starts from
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     start = time.perf_counter()
@@ -139,7 +144,8 @@ def phase_build(checkpoint: Path, engines: Path, precision: str) -> dict:
         sampler.join()
     seconds = time.perf_counter() - start
     steps = {m[1]: float(m[2]) for m in re.finditer(r"^(.+?) \.\.\. ([0-9.]+) s", log.getvalue(), re.MULTILINE)}
-    return {"seconds": seconds, "peak_rss": peak_rss(), "steps": steps, "step_peak_rss": step_peaks}
+    return {"seconds": seconds, "rss_before": before, "peak_rss": peak_rss(), "steps": steps,
+            "step_start_rss": step_starts, "step_peak_rss": step_peaks, "step_peak_so_far": step_hwm}
 
 
 def phase_serve(engines: Path) -> dict:
@@ -195,6 +201,7 @@ def summarize(cfg, params: float, precision: str, weights: int, build: dict, ser
     gb = 1e9
     n = parameter_count(cfg.language)
     build_ratio = build["peak_rss"] / weights
+    build_added = (build["peak_rss"] - build["rss_before"]) / weights
     serve_ratio = (serve["rss_loaded"] - serve["rss_before"]) / weights
     weights_8b = weights * LLADA_8B_PARAMS / n
     lm = cfg.language
@@ -202,24 +209,29 @@ def summarize(cfg, params: float, precision: str, weights: int, build: dict, ser
             "precision": precision, "engines_weight_gb": weights / gb,
             "build_seconds": build["seconds"], "build_seconds_per_gb": build["seconds"] / (weights / gb),
             "build_peak_rss_gb": build["peak_rss"] / gb, "build_peak_over_weights": build_ratio,
+            "build_start_rss_gb": build["rss_before"] / gb, "build_added_over_weights": build_added,
             "build_steps": build["steps"],
+            "build_step_start_rss_gb": {step: rss / gb for step, rss in build["step_start_rss"].items()},
             "build_step_peak_rss_gb": {step: rss / gb for step, rss in build["step_peak_rss"].items()},
+            "build_peak_rss_so_far_gb": {step: rss / gb for step, rss in build["step_peak_so_far"].items()},
             "serve_load_seconds": serve["load_seconds"], "serve_loaded_over_weights": serve_ratio,
             "serve_peak_rss_gb": serve["peak_rss"] / gb, "serve_peak_over_weights": serve["peak_rss"] / weights,
             "kv_cache_mb": serve["kv_cache_bytes"] / 1e6, "generate_seconds": serve["generate_seconds"],
-            "projected_8b": {"weights_gb": weights_8b / gb, "build_peak_gb": weights_8b * build_ratio / gb,
-                             "serve_gb": weights_8b * serve_ratio / gb,
+            "projected_8b": {"weights_gb": weights_8b / gb,
+                             "build_peak_gb": (build["rss_before"] + weights_8b * build_added) / gb,
+                             "serve_gb": (serve["rss_before"] + weights_8b * serve_ratio) / gb,
                              "build_hours": build["seconds"] / (weights / gb) * weights_8b / gb / 3600}}
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| params | precision | engines GB | build peak (x weights) | build s/GB | loaded (x weights) | "
-             "serve peak (x weights) | KV cache MB | 8B: build peak / serve GB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| params | precision | engines GB | build peak (x weights) | build added (x weights) | build s/GB | "
+             "loaded (x weights) | serve peak (x weights) | KV cache MB | 8B: build peak / serve GB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         p = r["projected_8b"]
         lines.append(f"| {r['params'] / 1e9:.2f}B | {r['precision']} | {r['engines_weight_gb']:.2f} | "
                      f"{r['build_peak_rss_gb']:.2f} GB ({r['build_peak_over_weights']:.2f}x) | "
+                     f"{r['build_added_over_weights']:.2f}x | "
                      f"{r['build_seconds_per_gb']:.0f} | {r['serve_loaded_over_weights']:.2f}x | "
                      f"{r['serve_peak_rss_gb']:.2f} GB ({r['serve_peak_over_weights']:.2f}x) | {r['kv_cache_mb']:.0f} | "
                      f"{p['build_peak_gb']:.0f} / {p['serve_gb']:.0f} |")

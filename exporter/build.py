@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import gc
 import os
 import re
 import secrets
@@ -35,7 +34,7 @@ from safetensors.torch import save_file
 
 import llada_v
 from llada_v import CheckpointError, LladaV, LladaVConfig
-from llada_v.weights import CheckpointReader, copy_tokenizer, load_model_streaming_layers
+from llada_v.weights import CheckpointReader, copy_tokenizer, load_model_streaming, release_freed_memory
 
 from . import trt_build
 from .manifest import EMBEDDINGS_FILE, MANIFEST_FILE, Manifest, PartEntry, checkpoint_sha256
@@ -89,7 +88,7 @@ def build_engines(model_dir: Path | None, out_dir: Path, precision: str = "fp16"
         hint = "free some space or choose another --out" if err.errno == errno.ENOSPC else "choose another --out"
         raise BuildError(f"cannot write the engines folder {out_dir} ({err}): {hint}; nothing was written") from err
     except MemoryError as err:
-        needed = _weight_count(reader.cfg) * BUILD_BYTES_PER_WEIGHT[precision]
+        needed = PROCESS_BYTES + _weight_count(reader.cfg) * BUILD_BYTES_PER_WEIGHT[precision]
         raise BuildError(f"ran out of memory building the engines of {model_dir}: a {precision} build needs about "
                          f"{needed / 1e9:.0f} GB of memory; free memory or build on a larger machine; nothing was "
                          f"written") from err
@@ -127,10 +126,11 @@ def _check_request(model_dir: Path, out_dir: Path, precision: str, backend: str)
     return reader
 
 
-# Peak build memory per weight, measured by benchmarks/scale.py on a 0.95B model (2026-12-02): the validation
-# session for fp32 (1.21x the fp32 engines) and fp16 (1.88x the fp16 ones: the CPU provider's fp32 casts), the
-# float32 reference (its embedding table and head, and a layer) for int8/int4 (0.76x the fp32 weights).
-BUILD_BYTES_PER_WEIGHT = {"fp32": 5.0, "fp16": 4.0, "int8": 3.2, "int4": 3.2}
+# Peak build memory per weight above the process's own (PROCESS_BYTES: Python, torch, ONNX Runtime), measured by
+# benchmarks/scale.py on a 0.95B model (2026-12-02; the ratios are lower at 3B): the validation session for fp32
+# and fp16 (the CPU provider's fp32 casts), ONNX Runtime's quantizer (the quantized graph it returns) for int8/int4.
+BUILD_BYTES_PER_WEIGHT = {"fp32": 4.4, "fp16": 2.9, "int8": 2.2, "int4": 1.6}
+PROCESS_BYTES = 0.4e9
 # Bytes a weight takes in the finished engines (int8/int4: the levels and one fp32 scale per block of 32).
 ENGINE_BYTES_PER_WEIGHT = {"fp32": 4, "fp16": 2, "int8": 1 + 4 / BLOCK_SIZE, "int4": 0.5 + 4 / BLOCK_SIZE}
 
@@ -294,19 +294,21 @@ def _assemble(reader: CheckpointReader, precision: str, backend: str, staging: P
     model_dir, cfg = reader.folder, reader.cfg
     specs = part_specs(cfg, precision)
     dtype = TORCH_DTYPES[PRECISIONS[precision]]
-    model, weights = weightless_model(cfg, dtype), partial(_checkpoint_weight, reader, dtype)
+    model, weights = weightless_model(cfg, dtype), partial(_checkpoint_weight, reader)
     traced = {}
     for name, spec in specs.items():
         graph = wrap(name, model)
         weight_bytes = sum(p.numel() * p.element_size() for p in graph.parameters())
         with log.step(f"tracing {name}"):
             traced[name] = trace_part(graph, spec, staging, weights), weight_bytes > external_data_threshold
+        release_freed_memory()
     _write_support_files(reader, precision, staging)
     manifest = Manifest(precision, model_dir.absolute(), cfg.language.max_position_embeddings)
     ranges = dim_ranges(cfg)
     for name, (path, external) in traced.items():
         with log.step(f"writing {name}.onnx" + (f" ({precision} weights)" if precision in BITS else "")):
             files = finish_part(path, specs[name], staging, external, precision)
+        release_freed_memory()
         manifest.parts[name] = PartEntry(specs[name], files, {d: ranges[d] for d in specs[name].dims})
     _validate_all(model_dir, specs, precision, staging, manifest, log)
     if backend == "tensorrt":
@@ -318,11 +320,12 @@ def _assemble(reader: CheckpointReader, precision: str, backend: str, staging: P
     return manifest
 
 
-def _checkpoint_weight(reader: CheckpointReader, dtype: torch.dtype, name: str) -> torch.Tensor:
-    """A traced parameter, read from the checkpoint: `X.weight_t` of a TransposedLinear is X.weight transposed."""
+def _checkpoint_weight(reader: CheckpointReader, name: str) -> torch.Tensor:
+    """A traced parameter, read from the checkpoint in its stored dtype (trace_part converts it as it writes):
+    `X.weight_t` of a TransposedLinear is X.weight transposed."""
     if name.endswith(".weight_t"):
-        return reader.tensor(name.removesuffix("_t"), dtype).t()
-    return reader.tensor(name, dtype)
+        return reader.tensor(name.removesuffix("_t"), None).t()
+    return reader.tensor(name, None)
 
 
 def _write_support_files(reader: CheckpointReader, precision: str, staging: Path) -> None:
@@ -341,8 +344,9 @@ def _validate_all(model_dir: Path, specs: dict, precision: str, staging: Path, m
                   log: "_Progress") -> None:
     """The float32 reference computes every part's expected outputs first and is freed; then each part's
     ONNX Runtime session is compared with them, one session at a time. The reference reads each
-    transformer layer from the checkpoint while it runs (load_model_streaming_layers); for int8/int4 each
-    layer then takes the graph's own weights, dequantized (quantize.py says why)."""
+    transformer layer and the head from the checkpoint while it runs, and only the token embeddings it
+    samples (load_model_streaming); for int8/int4 each layer and the head then take the graph's own
+    weights, dequantized (quantize.py says why)."""
     quantized = [onnx.load(staging / f"{name}.onnx", load_external_data=False) for name in specs] \
         if precision in BITS else []
 
@@ -351,17 +355,18 @@ def _validate_all(model_dir: Path, specs: dict, precision: str, staging: Path, m
             dequantize_into(module, proto, staging, prefix)
 
     with log.step("loading the float32 reference"):
-        reference = load_model_streaming_layers(model_dir, torch.float32, dequantize if quantized else None)
+        reference = load_model_streaming(model_dir, torch.float32, dequantize if quantized else None)
     cases = {}
     for name, spec in specs.items():
         with log.step(f"running the float32 reference for {name}"):
             cases[name] = reference_cases(spec, reference)
     del reference
-    gc.collect()
+    release_freed_memory()
     for name, spec in specs.items():
         with log.step(f"validating {name} with ONNX Runtime") as status:
             result = check_part(staging / f"{name}.onnx", spec, cases[name], precision)
             status.note = result.summary()
+        release_freed_memory()
         manifest.validation[name] = result.to_dict()
         if not result.passed:
             raise ValidationError(f"{result.summary()}; nothing was written")

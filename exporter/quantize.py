@@ -38,6 +38,7 @@ BITS = {"int8": 8, "int4": 4}
 BLOCK_SIZE = 32
 ACCURACY_LEVEL = 4
 QUANTIZED_OP = "MatMulNBits"
+DEQUANTIZE_ROWS = 4096  # output rows unpacked at a time: 4096 x 4096 float32 values (64 MB) at LLaDA-8B's width
 
 
 class QuantizationError(RuntimeError):
@@ -89,8 +90,8 @@ def dequantize_into(model: nn.Module, proto: onnx.ModelProto, base_dir: Path | N
     exported from; returns how many. The exporter names a node after its module's scope, e.g.
     `/denoiser/layers.0/self_attn/q_proj/MatMul`, and the quantizer appends `_Q4` / `_Q8`.
 
-    prefix: the module name of `model` inside the exported one (e.g. `denoiser.layers.0`, a layer the
-    streaming reference just read): only the nodes under it are written. Linear layers still on the meta
+    prefix: the module name of `model` inside the exported one (e.g. `denoiser.layers.0` or `denoiser.lm_head`,
+    a module the streaming reference just read): only the nodes of it are written. Linear layers still on the meta
     device (streamed layers not read yet) are left alone. base_dir: where the external data of a proto
     loaded without it is; each weight is read from there when it is written, so memory holds one at a time.
     """
@@ -102,39 +103,40 @@ def dequantize_into(model: nn.Module, proto: onnx.ModelProto, base_dir: Path | N
             continue
         path = node.name.strip("/").rsplit("/", 1)[0].replace("/", ".")
         if prefix:
-            if not path.startswith(prefix + "."):
+            if path != prefix and not path.startswith(prefix + "."):
                 continue
-            path = path[len(prefix) + 1:]
+            path = path[len(prefix) + 1:]  # "" when the node is the module itself (a streamed head)
         linear = modules.get(path)
         if not isinstance(linear, nn.Linear):
             raise QuantizationError(f"quantized node {node.name} names no linear layer of the model ({path!r})")
         if linear.weight.is_meta:
             continue
-        weight = _dequantize(node, initializers, base_dir)
-        if weight.shape != tuple(linear.weight.shape):
-            raise QuantizationError(f"quantized node {node.name} holds a {weight.shape} weight, {path} has "
-                                    f"{tuple(linear.weight.shape)}")
         with torch.no_grad():
-            linear.weight.copy_(torch.from_numpy(weight))
+            for start, rows in _dequantized_rows(node, tuple(linear.weight.shape), initializers, base_dir):
+                linear.weight[start:start + len(rows)].copy_(torch.from_numpy(rows))
         count += 1
     return count
 
 
-def _dequantize(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto], base_dir: Path | None) -> np.ndarray:
-    """The float32 weight [N, K] of a symmetric MatMulNBits node."""
+def _dequantized_rows(node: onnx.NodeProto, shape: tuple[int, int], initializers: dict[str, onnx.TensorProto],
+                      base_dir: Path | None):
+    """The float32 weight [N, K] of a symmetric MatMulNBits node, DEQUANTIZE_ROWS rows at a time as (first row,
+    rows): unpacking a whole vocabulary head at once takes three float32 copies of it."""
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     k, n, bits, block = attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]
+    if (n, k) != shape:
+        raise QuantizationError(f"quantized node {node.name} holds a {(n, k)} weight, its linear layer has {shape}")
     if len(node.input) > 3 and node.input[3]:
         raise QuantizationError(f"{node.name} has zero points; this project quantizes symmetrically")
     packed, scales = (_array(initializers[name], base_dir) for name in node.input[1:3])
-    scales = scales.astype(np.float32).reshape(n, -1)
-    if bits == 4:
-        levels = np.stack((packed & 0x0F, packed >> 4), axis=-1).reshape(n, -1)
-    else:
-        levels = packed.reshape(n, -1)
+    packed, scales = packed.reshape(n, -1), scales.astype(np.float32).reshape(n, -1)
     zero_point = 1 << (bits - 1)
-    weight = (levels.astype(np.float32) - zero_point).reshape(n, -1, block) * scales[:, :, None]
-    return weight.reshape(n, -1)[:, :k]
+    for start in range(0, n, DEQUANTIZE_ROWS):
+        block_packed, block_scales = packed[start:start + DEQUANTIZE_ROWS], scales[start:start + DEQUANTIZE_ROWS]
+        rows = len(block_packed)
+        levels = np.stack((block_packed & 0x0F, block_packed >> 4), axis=-1) if bits == 4 else block_packed
+        weight = (levels.reshape(rows, -1).astype(np.float32) - zero_point).reshape(rows, -1, block)
+        yield start, (weight * block_scales[:, :, None]).reshape(rows, -1)[:, :k]
 
 
 def _array(tensor: onnx.TensorProto, base_dir: Path | None) -> np.ndarray:

@@ -210,23 +210,28 @@ def _tile_shape(reference: LladaV) -> tuple[int, int, int]:
 
 def _denoiser_inputs(dims: dict[str, int], reference: LladaV, rng: np.random.Generator) -> dict:
     b, q, p, lc = dims["batch"], dims["sequence"], dims["positions"], dims["past_sequence"]
-    embed = reference.denoiser.embed_tokens.weight.detach().numpy()
+    vocab = reference.config.language.vocab_size
+
+    def token_embeddings(shape) -> torch.Tensor:  # through the module: a streamed reference reads just these rows
+        with torch.no_grad():
+            return reference.denoiser.embed_tokens(torch.from_numpy(rng.integers(0, vocab, shape)))
+
     attention_mask = np.ones((b, q), dtype=np.int64)
     for row in range(1, b):  # left padding, longer for later rows
         attention_mask[row, :min(3 * row, q - 1)] = 0
     position_ids = lc + np.maximum(np.cumsum(attention_mask, axis=1) - 1, 0)
-    values = {"inputs_embeds": embed[rng.integers(0, len(embed), (b, q))],
+    values = {"inputs_embeds": token_embeddings((b, q)).numpy(),
               "position_ids": position_ids, "attention_mask": attention_mask,
               "logits_index": rng.integers(0, q, (b, p))}
     if lc == 0:
         lm = reference.config.language
-        empty = np.zeros((b, lm.num_attention_heads, 0, lm.head_dim), dtype=embed.dtype)
+        empty = np.zeros((b, lm.num_attention_heads, 0, lm.head_dim), dtype=np.float32)
         for i in range(lm.num_hidden_layers):
             values[f"past_keys.{i}"] = values[f"past_values.{i}"] = empty
         values["past_mask"] = np.zeros((b, 0), dtype=np.int64)
     else:
         # The cache is what the reference's full pass writes for lc random tokens; a random fifth is hidden.
-        past_embeds = torch.from_numpy(embed[rng.integers(0, len(embed), (b, lc))])
+        past_embeds = token_embeddings((b, lc))
         positions = torch.arange(lc).expand(b, lc)
         ones = torch.ones(b, lc, dtype=torch.int64)
         with torch.no_grad():

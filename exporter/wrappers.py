@@ -83,10 +83,14 @@ class TransposedLinear(nn.Module):
 
 def weightless_model(cfg: LladaVConfig, dtype: torch.dtype) -> LladaV:
     """LladaV of `cfg` to trace the graphs from, without its weights: linear layers transposed as the build
-    traces them, every parameter a placeholder of its shape and `dtype` that holds one element (expanded).
-    The exporter traces with export_params=False and writes the weights from the checkpoint, so their
-    values never matter to the trace; an 8B model is traced in the memory of its graph. Each placeholder
-    holds its own number: the exporter merges parameters of equal values into one initializer."""
+    traces them, every parameter an uninitialised placeholder of its shape and `dtype`. The exporter traces
+    with export_params=False and writes the weights from the checkpoint, so their values never matter to the
+    trace. A large placeholder is a fresh mapping of the OS's zero pages, resident only where written (its
+    first element) or copied: an 8B model is traced in the memory of its graph. Dense, not one element
+    expanded to the shape: the tracer's MatMul and the exporter's passes then copy no weight (measured on a
+    0.95B denoiser, the trace's peak fell from 1.64 to 0.97 GB above the process; what is left grows with the
+    vocabulary head and is inside the TorchScript exporter's graph passes). Each placeholder's first element
+    is its own number: the exporter merges parameters of equal values into one initializer."""
     with torch.device("meta"):
         model = LladaV(cfg)
     transpose_linear_weights(model)
@@ -94,7 +98,8 @@ def weightless_model(cfg: LladaVConfig, dtype: torch.dtype) -> LladaV:
     if len(params) > 2048:  # float16 holds every integer up to 2048 exactly
         raise ValueError(f"{len(params)} parameters: more than the placeholders can tell apart")
     for number, (module, name, param) in enumerate(params, start=1):
-        placeholder = torch.full((), number, dtype=dtype).expand(param.shape)
+        placeholder = torch.empty(param.shape, dtype=dtype)
+        placeholder.view(-1)[0] = number
         setattr(module, name, nn.Parameter(placeholder, requires_grad=False))
     return model.eval()
 

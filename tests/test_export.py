@@ -315,12 +315,16 @@ def test_traced_parts_carry_their_weights_in_one_data_file(reference, tmp_path, 
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_weightless_trace_with_checkpoint_weights_is_the_trace_of_the_loaded_model(tmp_path, precision):
-    """The build traces wrappers.weightless_model (placeholders of one element each) and writes each weight
-    from the checkpoint: the same graph and the same weight bytes as tracing the loaded model."""
+def test_weightless_trace_with_checkpoint_weights_is_the_trace_of_the_loaded_model(tmp_path, precision, monkeypatch):
+    """The build traces wrappers.weightless_model (uninitialised placeholders) and writes each weight from the
+    checkpoint (bf16 here, converted a few rows at a time): the same graph and the same weight bytes as tracing
+    the loaded model."""
     from functools import partial
 
+    from exporter import onnx_export
     from exporter.build import _checkpoint_weight
+
+    monkeypatch.setattr(onnx_export, "WRITE_ROWS", 3)  # chunks that split every weight, the last one short
     from exporter.onnx_export import PRECISIONS, TORCH_DTYPES
     from exporter.wrappers import transpose_linear_weights, weightless_model
     from llada_v.weights import CheckpointReader
@@ -331,13 +335,12 @@ def test_weightless_trace_with_checkpoint_weights_is_the_trace_of_the_loaded_mod
     transpose_linear_weights(loaded)
     weightless = weightless_model(reader.cfg, dtype)
     placeholders = list(weightless.parameters())
-    assert all(p.untyped_storage().nbytes() == p.element_size() for p in placeholders)
-    assert len({p.item() if p.dim() == 0 else p.reshape(-1)[0].item() for p in placeholders}) == len(placeholders)
+    assert len({p.reshape(-1)[0].item() for p in placeholders}) == len(placeholders)
     (tmp_path / "plain").mkdir(), (tmp_path / "streamed").mkdir()
     for name, spec in part_specs(reader.cfg, precision).items():
         plain = onnx.load(trace_part(wrap(name, loaded), spec, tmp_path / "plain"))
         streamed = onnx.load(trace_part(wrap(name, weightless), spec, tmp_path / "streamed",
-                                        partial(_checkpoint_weight, reader, dtype)))
+                                        partial(_checkpoint_weight, reader)))
         assert [(n.op_type, list(n.input)) for n in streamed.graph.node] == \
             [(n.op_type, list(n.input)) for n in plain.graph.node]
         assert [(t.name, t.raw_data) for t in streamed.graph.initializer] == \

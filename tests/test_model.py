@@ -347,13 +347,19 @@ def test_empty_images_and_encoded_bytes(tmp_path, shipped_model):
         preprocess(b"\x89PNG!", cfg)
 
 
-def test_streaming_layers_model_computes_what_the_loaded_one_does_one_layer_at_a_time(shipped_model_dir):
-    from llada_v.weights import load_model_streaming_layers
+def test_streaming_model_computes_what_the_loaded_one_does_one_layer_at_a_time(shipped_model_dir):
+    from llada_v.weights import load_model_streaming
 
     loaded = llada_v.load_model(shipped_model_dir)
-    streamed = load_model_streaming_layers(shipped_model_dir)
-    assert all(p.is_meta for p in streamed.denoiser.layers.parameters())
-    assert not any(p.is_meta for p in streamed.denoiser.lm_head.parameters())
+    streamed = load_model_streaming(shipped_model_dir)
+    streamed_modules = (streamed.denoiser.layers, streamed.denoiser.lm_head, streamed.denoiser.embed_tokens)
+    assert all(p.is_meta for module in streamed_modules for p in module.parameters())
+    assert not any(p.is_meta for p in streamed.denoiser.norm.parameters())
+    ids = torch.tensor([[5, 3, 5], [0, 3, loaded.config.language.vocab_size - 1]])
+    with torch.no_grad():
+        torch.testing.assert_close(streamed.denoiser.embed_tokens(ids), loaded.denoiser.embed_tokens(ids), rtol=0, atol=0)
+    assert streamed.denoiser.embed_tokens.weight.is_meta
+    assert streamed.denoiser.embed_tokens.weight.shape == loaded.denoiser.embed_tokens.weight.shape
     seen = []
     streamed.denoiser.layers[1].register_forward_pre_hook(  # runs after the layer's own loading hook
         lambda module, args: seen.append([p.is_meta for p in streamed.denoiser.layers.parameters()]))
@@ -375,4 +381,4 @@ def test_streaming_layers_model_computes_what_the_loaded_one_does_one_layer_at_a
     per_layer = len(list(streamed.denoiser.layers[0].parameters()))
     # when layer 1 ran, layer 0 was already gone and layer 2 not yet read
     assert seen[0] == [True] * per_layer + [False] * per_layer + [True] * (len(seen[0]) - 2 * per_layer)
-    assert all(p.is_meta for p in streamed.denoiser.layers.parameters())
+    assert all(p.is_meta for module in streamed_modules for p in module.parameters())

@@ -12,13 +12,14 @@ import llada_v
 from benchmarks.demo_model.data import load_examples
 from benchmarks.demo_model.evaluate import runtime_predictor
 from exporter import build_engines, load_manifest
+from exporter import quantize as quantize_module
 from exporter.build import BuildError
 from exporter.onnx_export import part_specs
 from exporter.quantize import BITS, BLOCK_SIZE, QUANTIZED_OP, dequantize_into, quantize, quantize_file
 from exporter.validate import check_part, reference_cases
 from exporter.onnx_export import trace_part
 from exporter.wrappers import transpose_linear_weights, wrap
-from llada_v.weights import load_model_streaming_layers
+from llada_v.weights import load_model_streaming
 
 QUANTIZED = list(BITS)
 
@@ -87,6 +88,21 @@ def test_dequantized_weights_are_the_quantizers_rounding_of_the_originals(precis
 
 
 @pytest.mark.parametrize("precision", QUANTIZED)
+def test_dequantizing_a_few_rows_at_a_time_writes_what_one_block_does(precision, tmp_path, monkeypatch):
+    exported = llada_v.load_model(llada_v.SHIPPED_MODEL_DIR)
+    transpose_linear_weights(exported)
+    spec = part_specs(exported.config, precision)["denoiser"]
+    proto = quantize(onnx.load(trace_part(wrap("denoiser", exported), spec, tmp_path)), precision)
+    whole, chunked = (llada_v.load_model(llada_v.SHIPPED_MODEL_DIR) for _ in range(2))
+    dequantize_into(whole, proto)
+    monkeypatch.setattr(quantize_module, "DEQUANTIZE_ROWS", 5)  # every weight in several blocks, the last short
+    dequantize_into(chunked, proto)
+    for (name, want), got in zip(whole.named_parameters(), chunked.parameters(), strict=True):
+        assert torch.equal(got, want), name
+    assert not torch.equal(whole.denoiser.lm_head.weight, exported.denoiser.lm_head.weight_t.t())
+
+
+@pytest.mark.parametrize("precision", QUANTIZED)
 def test_streamed_quantization_is_the_quantizer_on_the_loaded_graph(precision, tmp_path):
     """quantize_file (weights read by the quantizer one at a time from the trace's data file) gives the graph
     and the weights that quantize gives on the graph loaded with all its weights."""
@@ -103,7 +119,7 @@ def test_streamed_quantization_is_the_quantizer_on_the_loaded_graph(precision, t
 
 
 def test_streaming_reference_takes_the_dequantized_weights_layer_by_layer(quantized):
-    """The build's int8/int4 reference: each layer read from the checkpoint, then given the graph's weights
+    """The build's int8/int4 reference: each layer and the head read from the checkpoint, then given the graph's weights
     (read from the external data one at a time), computes what a loaded model holding them all computes."""
     folder = quantized["int4"]
     proto = onnx.load(folder / "denoiser.onnx", load_external_data=False)
@@ -114,14 +130,14 @@ def test_streaming_reference_takes_the_dequantized_weights_layer_by_layer(quanti
     def dequantize(prefix, module):
         written.append((prefix, dequantize_into(module, proto, folder, prefix)))
 
-    streamed = load_model_streaming_layers(llada_v.SHIPPED_MODEL_DIR, on_load=dequantize)
-    assert written == [("", 1)]  # the head; the layers are not read yet
+    streamed = load_model_streaming(llada_v.SHIPPED_MODEL_DIR, on_load=dequantize)
+    assert written == [("", 0)]  # the layers and the head are not read yet
     spec = part_specs(loaded.config, "int4")["denoiser"]
     want, got = reference_cases(spec, loaded), reference_cases(spec, streamed)
     for expected, actual in zip(want, got):
         for a, b in zip(actual.expected, expected.expected, strict=True):
             np.testing.assert_array_equal(a, b)
-    assert ("denoiser.layers.0", 7) in written
+    assert ("denoiser.layers.0", 7) in written and ("denoiser.lm_head", 1) in written
 
 
 def test_validation_fails_on_a_weight_put_in_the_wrong_place(quantized, tmp_path):
