@@ -48,6 +48,7 @@ import shutil
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -204,7 +205,14 @@ def finish_part(traced: Path, spec: PartSpec, out_dir: Path, external_data: bool
     path = out_dir / f"{spec.name}.onnx"
     data = f"{spec.name}.onnx_data"
     try:
-        if precision in BITS or not external_data:
+        if precision in BITS and external_data:
+            # Each layer's packed weights go to the data file as they are made; the float tensors left after.
+            with open(out_dir / data, "wb") as data_file:
+                proto = quantize_file(traced, precision, partial(_append_tensor_data, data_file=data_file,
+                                                                 location=data))
+            onnx.save_model(proto, path, save_as_external_data=True, location=data,
+                            size_threshold=EXTERNAL_TENSOR_MIN_BYTES, convert_attribute=True)
+        elif precision in BITS or not external_data:
             # Quantized, or with its weights inline (a small part).
             proto = quantize_file(traced, precision) if precision in BITS else onnx.load(traced)
             onnx.save_model(proto, path, save_as_external_data=external_data, location=data,
@@ -245,6 +253,17 @@ def _weights_to_initializers(proto: onnx.ModelProto, spec: PartSpec, params: dic
     kept = [value for value in proto.graph.input if value.name in spec.input_names]
     del proto.graph.input[:]
     proto.graph.input.extend(kept)
+
+
+def _append_tensor_data(proto: onnx.ModelProto, data_file, location: str) -> None:
+    """Move the data of every initializer that holds it in the proto (what the quantizer just made) to the end
+    of data_file, page-aligned, the tensor then pointing at it."""
+    for tensor in proto.graph.initializer:
+        if tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_TENSOR_MIN_BYTES:
+            offset = _pad_to_page(data_file)
+            length = data_file.write(tensor.raw_data)
+            tensor.ClearField("raw_data")
+            _point_at(tensor, location, offset, length)
 
 
 def _raw_bytes(tensor: torch.Tensor) -> np.ndarray:

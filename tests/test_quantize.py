@@ -6,7 +6,7 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, numpy_helper, shape_inference
-from onnx.external_data_helper import uses_external_data
+from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 
 import llada_v
 from benchmarks.demo_model.data import load_examples
@@ -17,7 +17,7 @@ from exporter.build import BuildError
 from exporter.onnx_export import part_specs
 from exporter.quantize import BITS, BLOCK_SIZE, QUANTIZED_OP, dequantize_into, quantize, quantize_file
 from exporter.validate import check_part, reference_cases
-from exporter.onnx_export import trace_part
+from exporter.onnx_export import _append_tensor_data, trace_part
 from exporter.wrappers import transpose_linear_weights, wrap
 from llada_v.weights import load_model_streaming
 
@@ -105,17 +105,33 @@ def test_dequantizing_a_few_rows_at_a_time_writes_what_one_block_does(precision,
 @pytest.mark.parametrize("precision", QUANTIZED)
 def test_streamed_quantization_is_the_quantizer_on_the_loaded_graph(precision, tmp_path):
     """quantize_file (weights read by the quantizer one at a time from the trace's data file) gives the graph
-    and the weights that quantize gives on the graph loaded with all its weights."""
+    and the weights that quantize gives on the graph loaded with all its weights; so does it one layer at a
+    time, each layer's packed weights moved to a data file before the next (what the build does)."""
     exported = llada_v.load_model(llada_v.SHIPPED_MODEL_DIR)
     transpose_linear_weights(exported)
     spec = part_specs(exported.config, precision)["denoiser"]
     traced = trace_part(wrap("denoiser", exported), spec, tmp_path)
     plain = quantize(onnx.load(traced), precision)
     streamed = quantize_file(traced, precision)
-    assert [(n.op_type, list(n.input)) for n in streamed.graph.node] == [(n.op_type, list(n.input)) for n in plain.graph.node]
-    assert not any(uses_external_data(t) for t in streamed.graph.initializer)
-    assert {t.name: numpy_helper.to_array(t).tobytes() for t in streamed.graph.initializer} == \
-        {t.name: numpy_helper.to_array(t).tobytes() for t in plain.graph.initializer}
+    moved = []
+
+    def move(proto):
+        moved.append(sum(t.HasField("raw_data") and len(t.raw_data) >= 1024 for t in proto.graph.initializer))
+        _append_tensor_data(proto, data_file, "by_layer.onnx_data")
+
+    with open(tmp_path / "by_layer.onnx_data", "wb") as data_file:
+        by_layer = quantize_file(traced, precision, move)
+    layers = exported.config.language.num_hidden_layers
+    assert moved == [2 * 7] * layers + [2]  # each layer's seven packed weights and scales, then the head's
+    assert all(uses_external_data(t) == (t.name.endswith(("_scales", f"_Q{BITS[precision]}")))
+               for t in by_layer.graph.initializer)
+    load_external_data_for_model(by_layer, str(tmp_path))
+    for graph in (streamed, by_layer):
+        assert [(n.op_type, list(n.input)) for n in graph.graph.node] == \
+            [(n.op_type, list(n.input)) for n in plain.graph.node]
+        assert not any(uses_external_data(t) for t in graph.graph.initializer)
+        assert {t.name: numpy_helper.to_array(t).tobytes() for t in graph.graph.initializer} == \
+            {t.name: numpy_helper.to_array(t).tobytes() for t in plain.graph.initializer}
 
 
 def test_streaming_reference_takes_the_dequantized_weights_layer_by_layer(quantized):
