@@ -8,8 +8,9 @@ layout, written tensor by tensor), then per precision, each phase in its own pro
 RSS is its own:
 - build: `exporter.build_engines` (what `python -m exporter build --precision P --model CKPT` runs); peak RSS
   over the engines' weight bytes, and what the build adds to the process it starts in (the interpreter with
-  torch and ONNX Runtime imported, ~0.35 GB whatever the model's size), seconds per GB of engines weights,
-  and per step its seconds and the largest RSS sampled while it ran.
+  torch and ONNX Runtime imported, 0.26 GB whatever the model's size), seconds per GB of engines weights,
+  and per step its seconds, the RSS it started with, the largest RSS sampled while it ran and the process's
+  peak so far (which catches what 50 ms sampling misses).
 - serve: `Pipeline.load(engines, "onnxruntime")` and one text generation (dual cache); RSS after loading
   and at the end over the engines' weight bytes; the KV cache's bytes are reported separately.
 Projection to 8B: the process's starting RSS plus LLaDA-8B's 8.0e9 parameters in the same precision times the
@@ -121,7 +122,7 @@ def phase_build(checkpoint: Path, engines: Path, precision: str) -> dict:
 
     from exporter.build import build_engines
 
-    log, step_starts, step_peaks, step_hwm, done = io.StringIO(), {}, {}, {}, threading.Event()
+    log, step_starts, step_peaks, step_peak_so_far, done = io.StringIO(), {}, {}, {}, threading.Event()
 
     def sample():
         while not done.wait(0.05):
@@ -130,7 +131,7 @@ def phase_build(checkpoint: Path, engines: Path, precision: str) -> dict:
                 step, now = lines[-1][:-4], rss()
                 step_starts.setdefault(step, now)  # what the step found: memory the steps before it left
                 step_peaks[step] = max(step_peaks.get(step, 0), now)
-                step_hwm[step] = peak_rss()  # the process's peak so far: catches what 50 ms sampling misses
+                step_peak_so_far[step] = peak_rss()
 
     before = rss()  # the interpreter with torch and ONNX Runtime imported: what any build starts from
     sampler = threading.Thread(target=sample, daemon=True)
@@ -145,7 +146,7 @@ def phase_build(checkpoint: Path, engines: Path, precision: str) -> dict:
     seconds = time.perf_counter() - start
     steps = {m[1]: float(m[2]) for m in re.finditer(r"^(.+?) \.\.\. ([0-9.]+) s", log.getvalue(), re.MULTILINE)}
     return {"seconds": seconds, "rss_before": before, "peak_rss": peak_rss(), "steps": steps,
-            "step_start_rss": step_starts, "step_peak_rss": step_peaks, "step_peak_so_far": step_hwm}
+            "step_start_rss": step_starts, "step_peak_rss": step_peaks, "step_peak_so_far": step_peak_so_far}
 
 
 def phase_serve(engines: Path) -> dict:

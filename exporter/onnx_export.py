@@ -205,16 +205,16 @@ def finish_part(traced: Path, spec: PartSpec, out_dir: Path, external_data: bool
     path = out_dir / f"{spec.name}.onnx"
     data = f"{spec.name}.onnx_data"
     try:
-        if precision in BITS and external_data:
-            # Each layer's packed weights go to the data file as they are made; the float tensors left after.
-            with open(out_dir / data, "wb") as data_file:
-                proto = quantize_file(traced, precision, partial(_append_tensor_data, data_file=data_file,
-                                                                 location=data))
-            onnx.save_model(proto, path, save_as_external_data=True, location=data,
-                            size_threshold=EXTERNAL_TENSOR_MIN_BYTES, convert_attribute=True)
-        elif precision in BITS or not external_data:
+        if precision in BITS or not external_data:
             # Quantized, or with its weights inline (a small part).
-            proto = quantize_file(traced, precision) if precision in BITS else onnx.load(traced)
+            if precision not in BITS:
+                proto = onnx.load(traced)
+            elif not external_data:
+                proto = quantize_file(traced, precision)
+            else:  # each layer's packed weights go to the data file as they are made; the float tensors left after
+                with open(out_dir / data, "wb") as data_file:
+                    proto = quantize_file(traced, precision, partial(_append_tensor_data, data_file=data_file,
+                                                                     location=data))
             onnx.save_model(proto, path, save_as_external_data=external_data, location=data,
                             size_threshold=EXTERNAL_TENSOR_MIN_BYTES, convert_attribute=True)
         else:

@@ -210,11 +210,11 @@ def _tile_shape(reference: LladaV) -> tuple[int, int, int]:
 
 def _denoiser_inputs(dims: dict[str, int], reference: LladaV, rng: np.random.Generator) -> dict:
     b, q, p, lc = dims["batch"], dims["sequence"], dims["positions"], dims["past_sequence"]
-    vocab = reference.config.language.vocab_size
+    lm = reference.config.language
 
     def token_embeddings(shape) -> torch.Tensor:  # through the module: a streamed reference reads just these rows
         with torch.no_grad():
-            return reference.denoiser.embed_tokens(torch.from_numpy(rng.integers(0, vocab, shape)))
+            return reference.denoiser.embed_tokens(torch.from_numpy(rng.integers(0, lm.vocab_size, shape)))
 
     attention_mask = np.ones((b, q), dtype=np.int64)
     for row in range(1, b):  # left padding, longer for later rows
@@ -224,7 +224,6 @@ def _denoiser_inputs(dims: dict[str, int], reference: LladaV, rng: np.random.Gen
               "position_ids": position_ids, "attention_mask": attention_mask,
               "logits_index": rng.integers(0, q, (b, p))}
     if lc == 0:
-        lm = reference.config.language
         empty = np.zeros((b, lm.num_attention_heads, 0, lm.head_dim), dtype=np.float32)
         for i in range(lm.num_hidden_layers):
             values[f"past_keys.{i}"] = values[f"past_values.{i}"] = empty
