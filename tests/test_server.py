@@ -110,15 +110,19 @@ def test_sixteen_concurrent_clients_get_their_answers_alone(long_server, long_pi
     asks = [(f"Question number {i}{' about this picture' * (i % 3)}?", [image(i)] if i % 2 else [], i,
              "dual" if i % 4 < 2 else "none") for i in range(16)]
 
-    def ask(item):
+    clients = [client(long_server) for _ in asks]  # made up front, so the requests leave together
+    all_ready = threading.Barrier(len(asks))
+
+    def ask(item, openai_client):
         text, images, seed, cache = item
-        answer = client(long_server).chat.completions.create(
+        all_ready.wait()
+        answer = openai_client.chat.completions.create(
             model="m", messages=[user_message(text, images)], max_tokens=16, seed=seed, temperature=0.5,
             extra_body={"block_length": 8, "steps": 16, "cache": cache, "refresh_interval": 2})
         return answer.choices[0].message.content, answer.model_extra["llada"]["nfe"]
 
     with ThreadPoolExecutor(16) as pool:
-        answers = list(pool.map(ask, asks))
+        answers = list(pool.map(ask, asks, clients))
     for (text, images, seed, cache), (got, _) in zip(asks, answers):
         cfg = GenerationConfig(gen_length=16, block_length=8, steps=16, seed=seed, temperature=0.5, cache=cache,
                                refresh_interval=2)
