@@ -17,10 +17,10 @@ A curriculum of two stages: for the first `--perception-steps` steps each image 
 with the full task, shape stayed at chance); the rest is the full task, position questions included so that
 reading an object's place is not forgotten.
 
-The shipped weights are this command with its defaults (fixed seed, fp32, 2 threads): 10,000 steps, 47.6
-minutes on this project's 2-core machine on 2026-12-02 (a step of 16 one-word questions 307 ms, a long batch
-259 ms, a perception step ~150 ms; the previous 11,000-step recipe, reported at 25 minutes on an earlier day,
-would take ~54 minutes on that one). A different thread count changes float summation
+The shipped weights are this command with its defaults (fixed seed, fp32, 2 threads): 9,000 steps, 28.6
+minutes on this project's 2-core machine on 2026-12-03 (a perception step 127 ms, a full-task step 199 ms on average; the
+host runs at different speeds on different days: the 10,000-step recipe before it took 47.6 minutes on 2026-12-02).
+One-word questions are drawn with TRAINING_WEIGHTS (data.py): two-step questions twice as often. A different thread count changes float summation
 order, so weights come out close but not bitwise equal. `--minutes` only stops a run early on a slower
 machine; `--stop-after N` reproduces a `--save-every` checkpoint of the same schedule.
 
@@ -180,7 +180,7 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
 @dataclass(frozen=True)
 class TrainConfig:
     """The training recipe; its defaults are the shipped model's."""
-    steps: int = 10000
+    steps: int = 9000
     batch_size: int = 16
     lr: float = 2e-4
     weight_decay: float = 0.1
