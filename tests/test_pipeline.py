@@ -332,10 +332,11 @@ def test_conversation_keeps_earlier_turns_as_context(ort_pipe):
 
 def test_text_only_prompt_and_image_forms_agree(ort_pipe):
     cfg = GenerationConfig(gen_length=8, block_length=8, steps=4)
-    array = image(15)  # a task question: the model answers it with a word (an empty answer has no tokens/s)
-    by_array = ort_pipe.generate("What colour is the circle?", image=array, config=cfg)
-    by_pil = ort_pipe.generate("What colour is the circle?", image=Image.fromarray(array), config=cfg)
-    by_placeholder = ort_pipe.generate("<image>\nWhat colour is the circle?", image=[array], config=cfg)
+    question = "What colour is the circle?"  # a task question: answered with a word (an empty answer has no tokens/s)
+    array = image(15)
+    by_array = ort_pipe.generate(question, image=array, config=cfg)
+    by_pil = ort_pipe.generate(question, image=Image.fromarray(array), config=cfg)
+    by_placeholder = ort_pipe.generate(f"<image>\n{question}", image=[array], config=cfg)
     assert by_array.token_ids == by_pil.token_ids == by_placeholder.token_ids
     stats = by_array.stats
     assert stats["stage_seconds"]["vision"] > 0 and stats["stage_seconds"]["full_forward"] > 0

@@ -38,6 +38,7 @@ TRAINING_TYPES = QUESTION_TYPES + ("position",)
 # the 10,000-step model with equal weights; relation at 2x and two-step at 3x (6,400 steps) cost colour and
 # descriptions too much.
 TRAINING_WEIGHTS = {"colour": 1, "shape": 1, "count": 1, "relation": 1, "two_step": 2, "position": 1}
+SHORT_TRAINING_TYPES = tuple(k for k in TRAINING_TYPES if k not in LONG_TYPES)
 PERCEPTION_TYPES = ("shape", "position")
 SPLITS = ("train", "eval")
 EVAL_SIZE = 240  # 40 per question type
@@ -189,8 +190,7 @@ def make_example(split: str, seed: int, index: int, perception: bool = False, lo
     elif long and rng.random() < 0.5:
         kind = rng.choice(LONG_TYPES)
     else:
-        kinds = [k for k in TRAINING_TYPES if k not in LONG_TYPES]
-        kind = rng.choices(kinds, weights=[TRAINING_WEIGHTS[k] for k in kinds])[0]
+        kind = rng.choices(SHORT_TRAINING_TYPES, weights=[TRAINING_WEIGHTS[k] for k in SHORT_TRAINING_TYPES])[0]
     while True:  # redraw the scene until the question type has an answer in it
         scene = random_scene(rng, perception)
         qa = _question(scene, kind, rng)

@@ -18,11 +18,12 @@ with the full task, shape stayed at chance); the rest is the full task, position
 reading an object's place is not forgotten.
 
 The shipped weights are this command with its defaults (fixed seed, fp32, 2 threads): 9,000 steps, 28.6
-minutes on this project's 2-core machine on 2026-12-03 (a perception step 127 ms, a full-task step 199 ms on average; the
-host runs at different speeds on different days: the 10,000-step recipe before it took 47.6 minutes on 2026-12-02).
-One-word questions are drawn with TRAINING_WEIGHTS (data.py): two-step questions twice as often. A different thread count changes float summation
-order, so weights come out close but not bitwise equal. `--minutes` only stops a run early on a slower
-machine; `--stop-after N` reproduces a `--save-every` checkpoint of the same schedule.
+minutes on this project's 2-core machine on 2026-12-03 (a perception step 127 ms, a full-task step 199 ms on
+average; the host runs at different speeds on different days: the 10,000-step recipe before it took 47.6 minutes
+on 2026-12-02). One-word questions are drawn with TRAINING_WEIGHTS (data.py): two-step questions twice as often.
+A different thread count changes float summation order, so weights come out close but not bitwise equal.
+`--minutes` only stops a run early on a slower machine; `--stop-after N` reproduces a `--save-every` checkpoint of
+the same schedule.
 
 The learning rate is low on purpose: with one-token answers, Eq. 1 weights a masked answer by 1/t, so
 its gradient has E[1/t] = ln(1/eps) ~ 7 times the variance of plain cross-entropy. At 5e-4 to 1e-3 the
