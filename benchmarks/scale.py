@@ -7,14 +7,16 @@ LLaDA-8B's 126,464 at 4096, so `--params 8e9` is LLaDA-8B's shape; bf16 safetens
 layout, written tensor by tensor), then per precision, each phase in its own process so that its peak
 RSS is its own:
 - build: `exporter.build_engines` (what `python -m exporter build --precision P --model CKPT` runs); peak RSS
-  over the engines' weight bytes, and what the build adds to the process it starts in (the interpreter with
-  torch and ONNX Runtime imported, 0.26 GB whatever the model's size), seconds per GB of engines weights,
-  and per step its seconds, the RSS it started with, the largest RSS sampled while it ran and the process's
-  peak so far (which catches what 50 ms sampling misses).
+  over the engines' weight bytes, and what the build adds over its fixed cost: the peak of the same build of a
+  FIXED_COST_PARAMS model (11 MB of weights), i.e. the interpreter, torch, ONNX Runtime, transformers (the
+  tokenizer) and the modules torch and the exporter import on first use, ~0.6 GB whatever the model's size
+  (~0.3 GB of it before the build starts). Seconds per GB of engines weights, and per step its seconds, the
+  RSS it started with, the largest RSS sampled while it ran and the process's peak so far (which catches what
+  50 ms sampling misses).
 - serve: `Pipeline.load(engines, "onnxruntime")` and one text generation (dual cache); RSS after loading
   and at the end over the engines' weight bytes; the KV cache's bytes are reported separately.
-Projection to 8B: the process's starting RSS plus LLaDA-8B's 8.0e9 parameters in the same precision times the
-measured ratio of what the phase added.
+Projection to 8B: the phase's fixed cost (build) or starting RSS (serve) plus LLaDA-8B's 8.0e9 parameters in the
+same precision times the measured ratio of what the phase added.
 The vision tower (5% of LLaDA-V) is left out: a text-only checkpoint exercises the same denoiser path.
 """
 
@@ -37,6 +39,7 @@ HEAD_DIM = 128
 SHARD_BYTES = 1 << 30
 GEN = dict(gen_length=16, block_length=16, steps=16, cache="dual", refresh_interval=16)
 PROMPT = "Describe the picture."
+FIXED_COST_PARAMS = 6e6  # the smallest scaled_config (hidden 256): its build's peak is the build's fixed cost
 
 
 def scaled_config(params: float):
@@ -185,11 +188,16 @@ def measure(params: float, precisions: list[str], out: Path) -> list[dict]:
         print(f"writing a random {parameter_count(cfg.language) / 1e9:.2f}B checkpoint to {checkpoint} ...",
               file=sys.stderr, flush=True)
         write_random_checkpoint(cfg, checkpoint)
+    small = out / "checkpoint-fixed-cost"
+    if not (small / "config.json").is_file():
+        write_random_checkpoint(scaled_config(FIXED_COST_PARAMS), small)
     rows = []
     for precision in precisions:
         engines = out / f"engines-{params:.0e}-{precision}"
         print(f"{params:.0e} {precision}: build ...", file=sys.stderr, flush=True)
+        fixed = run_phase("build", str(small), str(out / f"engines-fixed-cost-{precision}"), precision)
         build = run_phase("build", str(checkpoint), str(engines), precision)
+        build["fixed_peak_rss"] = fixed["peak_rss"]
         weights = engines_weight_bytes(engines)
         print(f"{params:.0e} {precision}: serve ...", file=sys.stderr, flush=True)
         serve = run_phase("serve", str(engines))
@@ -202,7 +210,7 @@ def summarize(cfg, params: float, precision: str, weights: int, build: dict, ser
     gb = 1e9
     n = parameter_count(cfg.language)
     build_ratio = build["peak_rss"] / weights
-    build_added = (build["peak_rss"] - build["rss_before"]) / weights
+    build_added = (build["peak_rss"] - build["fixed_peak_rss"]) / weights
     serve_ratio = (serve["rss_loaded"] - serve["rss_before"]) / weights
     weights_8b = weights * LLADA_8B_PARAMS / n
     lm = cfg.language
@@ -210,7 +218,8 @@ def summarize(cfg, params: float, precision: str, weights: int, build: dict, ser
             "precision": precision, "engines_weight_gb": weights / gb,
             "build_seconds": build["seconds"], "build_seconds_per_gb": build["seconds"] / (weights / gb),
             "build_peak_rss_gb": build["peak_rss"] / gb, "build_peak_over_weights": build_ratio,
-            "build_start_rss_gb": build["rss_before"] / gb, "build_added_over_weights": build_added,
+            "build_start_rss_gb": build["rss_before"] / gb, "build_fixed_rss_gb": build["fixed_peak_rss"] / gb,
+            "build_added_over_weights": build_added,
             "build_steps": build["steps"],
             "build_step_start_rss_gb": {step: rss / gb for step, rss in build["step_start_rss"].items()},
             "build_step_peak_rss_gb": {step: rss / gb for step, rss in build["step_peak_rss"].items()},
@@ -219,14 +228,14 @@ def summarize(cfg, params: float, precision: str, weights: int, build: dict, ser
             "serve_peak_rss_gb": serve["peak_rss"] / gb, "serve_peak_over_weights": serve["peak_rss"] / weights,
             "kv_cache_mb": serve["kv_cache_bytes"] / 1e6, "generate_seconds": serve["generate_seconds"],
             "projected_8b": {"weights_gb": weights_8b / gb,
-                             "build_peak_gb": (build["rss_before"] + weights_8b * build_added) / gb,
+                             "build_peak_gb": (build["fixed_peak_rss"] + weights_8b * build_added) / gb,
                              "serve_gb": (serve["rss_before"] + weights_8b * serve_ratio) / gb,
                              "build_hours": build["seconds"] / (weights / gb) * weights_8b / gb / 3600}}
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| params | precision | engines GB | build peak (x weights) | build added (x weights) | build s/GB | "
-             "loaded (x weights) | serve peak (x weights) | KV cache MB | 8B: build peak / serve GB |",
+    lines = ["| params | precision | engines GB | build peak (x weights) | build above fixed cost (x weights) | "
+             "build s/GB | loaded (x weights) | serve peak (x weights) | KV cache MB | 8B: build peak / serve GB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         p = r["projected_8b"]

@@ -1,6 +1,8 @@
 """int8 / int4 engines: ONNX Runtime's MatMulNBits on the weight matmuls only, validated against the reference
 holding the graph's own weights, refused where they cannot run, answered by the runtime."""
 
+import re
+
 import numpy as np
 import onnx
 import pytest
@@ -15,7 +17,7 @@ from exporter import build_engines, load_manifest
 from exporter import quantize as quantize_module
 from exporter.build import BuildError
 from exporter.onnx_export import part_specs
-from exporter.quantize import BITS, BLOCK_SIZE, QUANTIZED_OP, dequantize_into, quantize, quantize_file
+from exporter.quantize import BITS, BLOCK_SIZE, QUANTIZED_OP, SYMMETRIC, dequantize_into, quantize, quantize_file
 from exporter.validate import check_part, reference_cases
 from exporter.onnx_export import _append_tensor_data, trace_part
 from exporter.wrappers import transpose_linear_weights, wrap
@@ -45,6 +47,7 @@ def test_weight_matmuls_are_quantized_and_the_rest_stays_float32(quantized, prec
     for node in quantized_nodes:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         assert attrs["bits"] == BITS[precision] and attrs["block_size"] == BLOCK_SIZE
+        assert (len(node.input) > 3 and bool(node.input[3])) == (not SYMMETRIC[precision])  # int4's zero points
     types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.input]}
     types.update({t.name: t.data_type for t in model.graph.initializer})
     for node in nodes:  # the attention products (activations by activations) stay float matmuls
@@ -68,8 +71,9 @@ def test_quantized_folders_are_smaller(quantized):
 @pytest.mark.parametrize("precision", QUANTIZED)
 def test_dequantized_weights_are_the_quantizers_rounding_of_the_originals(precision, tmp_path):
     """dequantize_into reads the blobs back onto each block's grid: a step is the block's largest |weight| over
-    2^(bits-1); rounding is off by a quarter step on average and never more than a step (the largest
-    positive value clips to 2^(bits-1) - 1 levels)."""
+    2^(bits-1) when symmetric (the largest positive value clips to 2^(bits-1) - 1 levels), the block's range
+    (with 0 in it) over 2^bits - 1 when asymmetric (the zero point is rounded too); rounding is off by a
+    quarter step on average and never more than a step."""
     exported = llada_v.load_model(llada_v.SHIPPED_MODEL_DIR)
     transpose_linear_weights(exported)  # as the build traces it
     spec = part_specs(exported.config, precision)["projector"]
@@ -81,7 +85,11 @@ def test_dequantized_weights_are_the_quantizers_rounding_of_the_originals(precis
         if param.dim() != 2:
             continue
         blocks = original[name].reshape(param.shape[0], -1, BLOCK_SIZE)
-        step = blocks.abs().amax(-1, keepdim=True) / (1 << (BITS[precision] - 1))
+        if SYMMETRIC[precision]:
+            step = blocks.abs().amax(-1, keepdim=True) / (1 << (BITS[precision] - 1))
+        else:
+            step = (blocks.amax(-1, keepdim=True).clamp(min=0) - blocks.amin(-1, keepdim=True).clamp(max=0)) / (
+                (1 << BITS[precision]) - 1)
         err = (param.detach().reshape(blocks.shape) - blocks).abs() / step
         assert err.max() <= 1 + 1e-4 and 0.2 < err.mean() < 0.3, name
         assert not torch.equal(param, original[name])
@@ -116,15 +124,19 @@ def test_streamed_quantization_is_the_quantizer_on_the_loaded_graph(precision, t
     moved = []
 
     def move(proto):
-        moved.append(sum(t.HasField("raw_data") and len(t.raw_data) >= 1024 for t in proto.graph.initializer))
+        moved.append({t.name for t in proto.graph.initializer if t.HasField("raw_data") and len(t.raw_data) >= 1024})
         _append_tensor_data(proto, data_file, "by_layer.onnx_data")
 
     with open(tmp_path / "by_layer.onnx_data", "wb") as data_file:
         by_layer = quantize_file(traced, precision, move)
+    # Each layer's seven packed weights, scales and (int4) zero points, then the head's; tensors under 1 KB stay inline.
+    packed = {t.name for t in plain.graph.initializer if len(t.raw_data) >= 1024
+              and t.name.endswith(("_scales", "_zero_points", f"_Q{BITS[precision]}"))}
     layers = exported.config.language.num_hidden_layers
-    assert moved == [2 * 7] * layers + [2]  # each layer's seven packed weights and scales, then the head's
-    assert all(uses_external_data(t) == (t.name.endswith(("_scales", f"_Q{BITS[precision]}")))
-               for t in by_layer.graph.initializer)
+    modules = [{re.match(r"denoiser\.(layers\.\d+|lm_head)\.", name)[1] for name in group} for group in moved]
+    assert modules == [{f"layers.{i}"} for i in range(layers)] + [{"lm_head"}]
+    assert set().union(*moved) == packed and sum(map(len, moved)) == len(packed)
+    assert all(uses_external_data(t) == (t.name in packed) for t in by_layer.graph.initializer)
     load_external_data_for_model(by_layer, str(tmp_path))
     for graph in (streamed, by_layer):
         assert [(n.op_type, list(n.input)) for n in graph.graph.node] == \

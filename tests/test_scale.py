@@ -35,6 +35,7 @@ def test_scale_benchmark_measures_build_and_serve(tmp_path, capsys):
     assert [r["precision"] for r in rows] == ["fp32", "int8"]
     for row in rows:
         assert row["build_peak_rss_gb"] > row["engines_weight_gb"] > 0
+        assert row["build_fixed_rss_gb"] > row["build_start_rss_gb"] > 0  # the fixed cost: a build, not imports
         assert row["serve_peak_rss_gb"] > 0 and row["serve_loaded_over_weights"] > 0
         assert {"tracing denoiser", "validating denoiser with ONNX Runtime"} <= set(row["build_steps"])
         # steps shorter than the 50 ms sampling period may have no sample on a model this small
