@@ -181,36 +181,40 @@ def run_phase(*args: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def measure(params: float, precisions: list[str], out: Path) -> list[dict]:
+def fixed_costs(precisions: list[str], out: Path) -> dict[str, int]:
+    """Per precision, the peak RSS of a build of a FIXED_COST_PARAMS model: what any build of it costs."""
+    small = out / "checkpoint-fixed-cost"
+    if not (small / "config.json").is_file():
+        write_random_checkpoint(scaled_config(FIXED_COST_PARAMS), small)
+    return {p: run_phase("build", str(small), str(out / f"engines-fixed-cost-{p}"), p)["peak_rss"] for p in precisions}
+
+
+def measure(params: float, precisions: list[str], out: Path, fixed: dict[str, int]) -> list[dict]:
     cfg = scaled_config(params)
     checkpoint = out / f"checkpoint-{params:.0e}"
     if not (checkpoint / "config.json").is_file():
         print(f"writing a random {parameter_count(cfg.language) / 1e9:.2f}B checkpoint to {checkpoint} ...",
               file=sys.stderr, flush=True)
         write_random_checkpoint(cfg, checkpoint)
-    small = out / "checkpoint-fixed-cost"
-    if not (small / "config.json").is_file():
-        write_random_checkpoint(scaled_config(FIXED_COST_PARAMS), small)
     rows = []
     for precision in precisions:
         engines = out / f"engines-{params:.0e}-{precision}"
         print(f"{params:.0e} {precision}: build ...", file=sys.stderr, flush=True)
-        fixed = run_phase("build", str(small), str(out / f"engines-fixed-cost-{precision}"), precision)
         build = run_phase("build", str(checkpoint), str(engines), precision)
-        build["fixed_peak_rss"] = fixed["peak_rss"]
         weights = engines_weight_bytes(engines)
         print(f"{params:.0e} {precision}: serve ...", file=sys.stderr, flush=True)
         serve = run_phase("serve", str(engines))
-        rows.append(summarize(cfg, params, precision, weights, build, serve))
+        rows.append(summarize(cfg, params, precision, weights, build, fixed[precision], serve))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
 
-def summarize(cfg, params: float, precision: str, weights: int, build: dict, serve: dict) -> dict:
+def summarize(cfg, params: float, precision: str, weights: int, build: dict, fixed_peak_rss: int,
+              serve: dict) -> dict:
     gb = 1e9
     n = parameter_count(cfg.language)
     build_ratio = build["peak_rss"] / weights
-    build_added = (build["peak_rss"] - build["fixed_peak_rss"]) / weights
+    build_added = (build["peak_rss"] - fixed_peak_rss) / weights
     serve_ratio = (serve["rss_loaded"] - serve["rss_before"]) / weights
     weights_8b = weights * LLADA_8B_PARAMS / n
     lm = cfg.language
@@ -218,7 +222,7 @@ def summarize(cfg, params: float, precision: str, weights: int, build: dict, ser
             "precision": precision, "engines_weight_gb": weights / gb,
             "build_seconds": build["seconds"], "build_seconds_per_gb": build["seconds"] / (weights / gb),
             "build_peak_rss_gb": build["peak_rss"] / gb, "build_peak_over_weights": build_ratio,
-            "build_start_rss_gb": build["rss_before"] / gb, "build_fixed_rss_gb": build["fixed_peak_rss"] / gb,
+            "build_start_rss_gb": build["rss_before"] / gb, "build_fixed_rss_gb": fixed_peak_rss / gb,
             "build_added_over_weights": build_added,
             "build_steps": build["steps"],
             "build_step_start_rss_gb": {step: rss / gb for step, rss in build["step_start_rss"].items()},
@@ -228,7 +232,7 @@ def summarize(cfg, params: float, precision: str, weights: int, build: dict, ser
             "serve_peak_rss_gb": serve["peak_rss"] / gb, "serve_peak_over_weights": serve["peak_rss"] / weights,
             "kv_cache_mb": serve["kv_cache_bytes"] / 1e6, "generate_seconds": serve["generate_seconds"],
             "projected_8b": {"weights_gb": weights_8b / gb,
-                             "build_peak_gb": (build["fixed_peak_rss"] + weights_8b * build_added) / gb,
+                             "build_peak_gb": (fixed_peak_rss + weights_8b * build_added) / gb,
                              "serve_gb": (serve["rss_before"] + weights_8b * serve_ratio) / gb,
                              "build_hours": build["seconds"] / (weights / gb) * weights_8b / gb / 3600}}
 
@@ -264,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.common import machine_info
 
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = [row for params in args.params for row in measure(params, args.precision, args.out)]
+    fixed = fixed_costs(args.precision, args.out)
+    rows = [row for params in args.params for row in measure(params, args.precision, args.out, fixed)]
     (args.out / "results.json").write_text(json.dumps({"machine": machine_info(), "rows": rows}, indent=2) + "\n")
     print(table(rows))
     return 0

@@ -175,9 +175,9 @@ def _dequantized_rows(node: onnx.NodeProto, shape: tuple[int, int], initializers
     blocks = scales.shape[1]
     if len(node.input) > 3 and node.input[3]:  # [N, blocks] levels, packed like B
         zero_points = _array(initializers[node.input[3]], base_dir).reshape(n, -1)
-        zero_points = _unpacked(zero_points, bits).reshape(n, -1)[:, :blocks].astype(np.float32)
-    else:
-        zero_points = np.full((n, blocks), 1 << (bits - 1), dtype=np.float32)
+        zero_points = _unpacked(zero_points, bits).reshape(n, -1)[:, :blocks]
+    else:  # one level for every block, broadcast rather than stored
+        zero_points = np.broadcast_to(np.uint8(1 << (bits - 1)), (n, blocks))
     for start in range(0, n, DEQUANTIZE_ROWS):
         block_packed, block_scales = packed[start:start + DEQUANTIZE_ROWS], scales[start:start + DEQUANTIZE_ROWS]
         rows = len(block_packed)
