@@ -116,8 +116,30 @@ def select_best_resolution(image_size: tuple[int, int], candidates) -> tuple[int
 def resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     """Pillow's default filter, as the official `image.resize(size)` calls get it: nearest for
     bilevel and palette images, bicubic otherwise (RGBA is resampled with premultiplied alpha)."""
-    nearest = image.mode in ("1", "P")
-    return image.resize(size, Image.Resampling.NEAREST if nearest else Image.Resampling.BICUBIC)
+    if image.mode in ("1", "P"):
+        return image.resize(size, Image.Resampling.NEAREST)
+    return bicubic(image, size)
+
+
+# Image.resize resamples these with premultiplied alpha.
+PREMULTIPLIED = {"RGBA": "RGBa", "LA": "La"}
+
+
+def bicubic(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Image.resize(size, BICUBIC) as Pillow 10.3, the official environment's, computes it under every Pillow:
+    a horizontal pass, then a vertical one, the first rounded to 8 bits. Pillow 12.1 shrinks images more than
+    100x taller than wide vertically first, and 13.0 chooses the order by the scale factors (vertically first
+    for 300x1200 -> 384x384), so the 8-bit intermediate rounds otherwise (docs/fidelity.md, Pillow versions).
+    A pass along one axis alone is the same in all of them."""
+    if image.size == tuple(size):
+        return image.copy()  # as Image.resize: no premultiplied round trip
+    work = image.convert(PREMULTIPLIED[image.mode]) if image.mode in PREMULTIPLIED else image
+    width, height = size
+    if width != work.width:
+        work = work.resize((width, work.height), Image.Resampling.BICUBIC)
+    if height != work.height:
+        work = work.resize((width, height), Image.Resampling.BICUBIC)
+    return work.convert(image.mode) if image.mode in PREMULTIPLIED else work
 
 
 def resize_and_pad(image: Image.Image, target: tuple[int, int]) -> Image.Image:
@@ -165,7 +187,7 @@ def tiles_of(image: Image.Image, cfg: LladaVConfig, aspect: str = "anyres") -> I
     tile = cfg.vision.image_size
     if aspect == "pad":
         # The processor converts to RGB before it resizes, with bicubic whatever the mode.
-        square = expand_to_square(image).convert("RGB").resize((tile, tile), Image.Resampling.BICUBIC)
+        square = bicubic(expand_to_square(image).convert("RGB"), (tile, tile))
         return ImageTiles(normalize(square)[None], image.size, None)
     best_w, best_h = select_best_resolution(image.size, cfg.image_grid_pinpoints)
     padded = resize_and_pad(image, (best_w, best_h))

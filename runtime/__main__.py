@@ -1,6 +1,6 @@
 """Command line: one generation, an interactive chat, or an OpenAI-compatible server.
 
-    python -m runtime generate --engines DIR --prompt TEXT [--image PATH ...] [--cache dual ...] [--stream]
+    python -m runtime generate --engines DIR --prompt TEXT [--image PATH ...] [--cache dual ... | --official] [--stream]
     python -m runtime chat --engines DIR      (stdin: questions; /image PATH, /drop, /reset, /quit)
     python -m runtime serve --engines DIR [--port 8000] [--max-batch 8] [--ray --replicas N]
 
@@ -72,10 +72,27 @@ def build_parser() -> argparse.ArgumentParser:
         options.add_argument("--refresh-interval", type=int, default=GenerationConfig.refresh_interval)
         options.add_argument("--threshold", type=float, default=None)
         options.add_argument("--seed", type=int, default=GenerationConfig.seed)
+        if sub is not serve:
+            options.add_argument("--official", action="store_true",
+                                 help="the official LLaDA-V demo's decoding: one block of gen-length, one token per "
+                                      "step, temperature 0, low-confidence remasking, no cache")
     return parser
 
 
+# What --official fixes, as option name -> its default; another value given beside --official is refused.
+OFFICIAL_FIXED = {"block_length": GenerationConfig.block_length, "steps": None, "temperature": 0.0,
+                  "remasking": "low_confidence", "cache": "none", "refresh_interval": GenerationConfig.refresh_interval,
+                  "threshold": None}
+
+
 def generation_config(args) -> GenerationConfig:
+    if getattr(args, "official", False):
+        given = [f"--{name.replace('_', '-')}" for name, default in OFFICIAL_FIXED.items()
+                 if getattr(args, name) != default]
+        if given:
+            raise ValueError(f"--official sets the decoding itself: drop {', '.join(given)} (--gen-length goes "
+                             f"with it)")
+        return GenerationConfig.official(args.gen_length)
     return GenerationConfig(gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
                             temperature=args.temperature, remasking=args.remasking, cache=args.cache,
                             refresh_interval=args.refresh_interval, threshold=args.threshold, seed=args.seed)

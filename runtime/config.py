@@ -72,6 +72,13 @@ class GenerationConfig:
             if self.remasking != "low_confidence":
                 raise ValueError("threshold compares model confidences: use it with remasking='low_confidence'")
 
+    @classmethod
+    def official(cls, gen_length: int = 128) -> "GenerationConfig":
+        """The official LLaDA-V demo's decoding (train/generate_demo.py): one block of `gen_length` decoded one
+        token per step (steps = gen_length = block_length = 128), temperature 0, low-confidence remasking, no
+        cache: the answers the official code gives (docs/fidelity.md)."""
+        return cls(gen_length=gen_length, block_length=gen_length, steps=gen_length)
+
     @property
     def num_blocks(self) -> int:
         return self.gen_length // self.block_length

@@ -41,6 +41,5 @@ class Remasker:
         if cfg.remasking == "random":
             # Drawn after the Gumbel noise, from the same per-request generator.
             draws = torch.stack([torch.rand(logits.shape[1], generator=g, device=logits.device) for g in generators])
-            confidence = draws.masked_fill(~eligible, float("-inf"))
-            commit = select_commit(confidence, eligible, k, None)
+            commit = select_commit(draws.neg().masked_fill(~eligible, float("inf")), eligible, k)
         return x0, commit

@@ -4,13 +4,15 @@ from its sources (file:line below, under train/ unless named) and sharing nothin
 transformer's modules (whose forward the project validates separately) and the checkpoint's tensor names.
 
 Each function keeps the official structure, including where the project deliberately differs
-(docs/fidelity.md): here a predicted mask token is committed and stays masked, for instance.
+(docs/fidelity.md): here a predicted mask token is committed and stays masked, for instance. Images are
+resized as under the official environment's Pillow 10.3.0, whatever Pillow runs the tests (pillow_10_3).
 """
 
 from __future__ import annotations
 
 import math
 import re
+from contextlib import contextmanager
 from functools import partial, reduce
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from transformers.image_transforms import convert_to_rgb, normalize, rescale, re
 from transformers.image_utils import ChannelDimension, PILImageResampling, to_numpy_array
 
 from llada_v import LladaV, LladaVConfig
+from llada_v.image_processing import bicubic
 from llada_v.weights import INDEX_FILE, SINGLE_FILE, to_module_key
 
 IMAGE_TOKEN_INDEX = -200  # llava/constants.py
@@ -156,6 +159,28 @@ def expand2square(pil_img, background_color):  # mm_utils.py:301-313
     return result
 
 
+@contextmanager
+def pillow_10_3():
+    """Image.resize with Pillow's default or bicubic filter as Pillow 10.3.0 computes it. Later Pillows order the
+    two passes of some resizes otherwise (docs/fidelity.md); llada_v's `bicubic` is the 10.3 order, checked
+    against pixels stored from Pillow 10.3.0 itself (tests/test_pillow_pixels.py)."""
+    original = Image.Image.resize
+
+    def resize_as_10_3(self, size, resample=None, box=None, reducing_gap=None):
+        one_pass = self.width == size[0] or self.height == size[1]  # the same in every Pillow
+        if one_pass or self.mode in ("1", "P") or resample not in (None, Image.Resampling.BICUBIC) or box \
+                or reducing_gap:
+            return original(self, size, resample, box, reducing_gap)
+        return bicubic(self, tuple(size))
+
+    Image.Image.resize = resize_as_10_3
+    try:
+        yield
+    finally:
+        Image.Image.resize = original
+
+
+@pillow_10_3()
 def process_images(images, processor, cfg: LladaVConfig):
     """mm_utils.py:315-339; the evaluation sets image_aspect_ratio "pad" for several images (:467-468)."""
     if len(images) > 1:
@@ -241,10 +266,11 @@ def forward_logits(model, x_embeds):
 
 @torch.no_grad()
 def generate_with_embeds(model, tokenizer, inputs_embeds, steps=128, gen_length=128, block_length=128,
-                         stopping_criteria=(STOP,), mask_id=MASK_ID, banned=(126081, 126080, 126346, 126347)
-                         ) -> tuple[list[int], int]:
+                         stopping_criteria=(STOP,), mask_id=MASK_ID, banned=(126081, 126080, 126346, 126347),
+                         confidence_dtype=torch.float64) -> tuple[list[int], int]:
     """Temperature 0, low-confidence remasking, no cfg, no suffix. Returns the answer ids (up to the stop)
-    and the number of denoiser calls. `banned`: the ids kept from masked positions (official: these four)."""
+    and the number of denoiser calls. `banned`: the ids kept from masked positions (official: these four);
+    `confidence_dtype`: the softmax's (official: float64; float32 shows what ranking by float32 would do)."""
     prompt_length = inputs_embeds.shape[1]
     total_length = prompt_length + gen_length
     masked_embed = model.denoiser.embed_tokens(torch.tensor([mask_id]))
@@ -273,7 +299,7 @@ def generate_with_embeds(model, tokenizer, inputs_embeds, steps=128, gen_length=
             for token_id in banned:
                 logits[:, :, token_id] = torch.where(mask_index, -float("inf"), logits[:, :, token_id])
             x0 = torch.argmax(logits, dim=-1)
-            p = F.softmax(logits.to(torch.float64), dim=-1)
+            p = F.softmax(logits.to(confidence_dtype), dim=-1)
             x0_p = torch.squeeze(torch.gather(p, dim=-1, index=torch.unsqueeze(x0, -1)), -1)
             if found_stop_seq:
                 x0_p[:, stop_position:] = -np.inf

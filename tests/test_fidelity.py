@@ -3,6 +3,7 @@ official_llada_v.py, on a case where the official behaviour and the obvious alte
 generations on a checkpoint in the released layout through the torch backend and fp32 ONNX engines."""
 
 import json
+import math
 import shutil
 from types import SimpleNamespace
 
@@ -174,6 +175,40 @@ def test_mask_token_is_banned_a_deliberate_deviation(released, tokenizer):
     assert ours == official.generate_with_embeds(model, tokenizer, embeds, banned=banned, **settings)[0] == [A] * 8
 
 
+class ConfidentEndDenoiser(ScriptedDenoiser):
+    """An answer ending in a run of <|eot_id|> that float32 cannot tell from certain, as a trained model's
+    end-of-text padding: A at 0..STOP_AT-1 (logit 12), <|eot_id|> at STOP_AT..STOP_AT+3 with 1 - p of ~e^-20
+    to e^-23 (float32 rounds p to 1.0 below ~3e-8), the surest at STOP_AT + 1. Once <|eot_id|> is committed
+    there, position STOP_AT reads B (logit 16) instead."""
+
+    def forward(self, inputs_embeds, position_ids, attention_mask, logits_index, *cache):
+        answer = inputs_embeds[:, self.prompt_length:, 0].round().long()
+        logits = torch.zeros(*inputs_embeds.shape[:2], 126349)
+        certain = math.log(126349) + 20.0
+        at = self.prompt_length
+        for b, row in enumerate(answer.tolist()):
+            logits[b, at:at + STOP_AT, A] = 12.0
+            for offset, extra in enumerate((0.0, 3.0, 1.0, 2.0)):
+                logits[b, at + STOP_AT + offset, released_layout.EOT] = certain + extra
+            if row[STOP_AT + 1] == released_layout.EOT:
+                logits[b, at + STOP_AT, released_layout.EOT] = 0.0
+                logits[b, at + STOP_AT, B] = 16.0
+        return torch.gather(logits, 1, logits_index[..., None].expand(-1, -1, logits.shape[-1])), (), ()
+
+
+def test_certain_end_of_text_is_ordered_as_the_official_float64_softmax(released, tokenizer):
+    ids = official.tokenizer_image_token(official.prompt_question(tokenizer, QUESTION, 0), tokenizer)
+    denoiser = ConfidentEndDenoiser(len(ids))
+    embeds = denoiser.embed_tokens(torch.tensor(ids))[None]
+    model, settings = SimpleNamespace(denoiser=denoiser), dict(gen_length=8, block_length=8, steps=8)
+    expected, nfe = official.generate_with_embeds(model, tokenizer, embeds, **settings)
+    assert expected == [A] * STOP_AT + [B] and nfe == 6  # <|eot_id|> first at STOP_AT + 1, then B before it
+    tied, _ = official.generate_with_embeds(model, tokenizer, embeds, confidence_dtype=torch.float32, **settings)
+    assert tied == [A] * STOP_AT  # float32 ties the run and commits its first position first
+    result = Pipeline(ScriptedRunner(denoiser, released)).generate(QUESTION, config=GenerationConfig(**settings))
+    assert result.token_ids == expected and result.stats["nfe"] == nfe
+
+
 def test_a_block_ends_when_its_masks_run_out(released, official_model):
     settings = dict(gen_length=8, block_length=4, steps=16)  # 8 steps for 4 masks per block
     expected, nfe = official.generate(official_model, QUESTION, **settings)
@@ -242,12 +277,16 @@ def test_prompt_longer_than_tokenizer_model_max_length_is_refused(tmp_path, rele
 
 CASES = {"text": [], "image": [picture(100, 80)], "images": [picture(100, 80, seed=1), picture(70, 140, seed=2)],
          "rgba": [picture(120, 90, seed=4, mode="RGBA")]}
-SETTINGS = dict(gen_length=16, block_length=8, steps=16)
+# The official demo's decoding (one block, one token per step) at 16 tokens, and the same in two blocks.
+CONFIGS = {"official": GenerationConfig.official(gen_length=16),
+           "two blocks": GenerationConfig(gen_length=16, block_length=8, steps=16)}
 
 
 @pytest.fixture(scope="module")
 def official_tokens(official_model):
-    return {name: official.generate(official_model, QUESTION, images, **SETTINGS) for name, images in CASES.items()}
+    return {(name, config): official.generate(official_model, QUESTION, images, gen_length=cfg.gen_length,
+                                              block_length=cfg.block_length, steps=cfg.steps)
+            for name, images in CASES.items() for config, cfg in CONFIGS.items()}
 
 
 @pytest.fixture(scope="module", params=["torch", "onnxruntime"])
@@ -258,9 +297,10 @@ def pipeline(request, released, tmp_path_factory):
     return Pipeline.load(engines, "onnxruntime")
 
 
+@pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("case", list(CASES))
-def test_same_tokens_as_the_official_code(pipeline, official_tokens, case):
-    expected, nfe = official_tokens[case]
-    result = pipeline.generate(QUESTION, image=CASES[case] or None, config=GenerationConfig(**SETTINGS))
+def test_same_tokens_as_the_official_code(pipeline, official_tokens, case, config):
+    expected, nfe = official_tokens[case, config]
+    result = pipeline.generate(QUESTION, image=CASES[case] or None, config=CONFIGS[config])
     assert result.token_ids == expected and result.stats["nfe"] == nfe
     assert all(token < 126349 for token in expected)  # never a padding row, though those win without the cut

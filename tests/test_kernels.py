@@ -190,6 +190,72 @@ def test_remask_reference_against_brute_force():
             assert {i for i in range(L) if commit[b, i]} == chosen
 
 
+def _official_commits(logits, eligible, k, banned):
+    """The official rule (LLaDA-V's modeling_llada.py generate, LLaDA's generate.py), transcribed: bans at
+    masked positions, argmax, the softmax in float64, torch.topk of the eligible confidences."""
+    logits = logits.float().cpu().clone()
+    logits[..., banned] = torch.where(eligible.cpu()[..., None], float("-inf"), logits[..., banned])
+    x0 = torch.argmax(logits, dim=-1)
+    p = F.softmax(logits.to(torch.float64), dim=-1).gather(-1, x0[..., None])[..., 0]
+    confidence = torch.where(eligible.cpu(), p, float("-inf"))
+    commits = torch.zeros_like(eligible.cpu())
+    for b in range(len(k)):
+        commits[b, torch.topk(confidence[b], int(k[b])).indices] = True
+    return commits
+
+
+def _saturated_logits(complements, V, dtype, seed):
+    """A row of logits per entry of `complements`: None gives an ordinary row (3 * N(0, 1)); c gives a row
+    whose argmax (at a position-dependent id) has 1 - p close to c: the argmax at 0, the other V - 1 logits
+    spread around log(c / (V - 1))."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i, c in enumerate(complements):
+        if c is None:
+            rows.append(3 * torch.randn(V, generator=g))
+            continue
+        row = math.log(c / (V - 1)) + 0.3 * torch.randn(V, generator=g)
+        row[(17 * i + 5) % V] = 0.0
+        rows.append(row)
+    return torch.stack(rows)[None].to(dtype).to(DEVICE)
+
+
+# 1 - p from 1e-10 to 1e-6 at eligible positions (float32 rounds p to 1.0 below ~3e-8), and ordinary ones. The
+# most confident position is not the lowest of those float32 ties, so ranking by float32 p commits others.
+SATURATED = [None, 2e-8, 3e-7, 1e-10, None, 5e-9, 1e-6, 4e-10, 2e-9, None]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_remask_orders_saturated_confidences_as_float64(dtype, k):
+    V = 1000
+    logits = _saturated_logits(SATURATED, V, dtype, seed=k)
+    eligible = torch.tensor([[True] * 8 + [False, True]], device=DEVICE)
+    banned = _k(3, 999)
+    float32_p = torch.softmax(logits.float(), dim=-1).amax(dim=-1)[0]
+    assert int((float32_p[:8] == 1.0).sum()) >= 4  # the case float32 confidences cannot order
+    want = _official_commits(logits, eligible, _k(k), [3, 999])
+    for impl in (remask_topk, reference.remask_topk):
+        _, conf, commit = impl(logits, eligible, _k(k), banned_ids=banned)
+        assert torch.equal(commit.cpu(), want), impl.__module__
+        assert conf.max() <= 1.0 and torch.isneginf(conf[~eligible]).all()  # still a probability
+    # The official order: 1 - p of 1e-10, 4e-10, 5e-9 (position 8 is not eligible). Ranked by the float32
+    # confidence, ties to the lower position, the first commit would be position 1 (1 - p ~ 2e-8).
+    assert want[0].nonzero()[:, 0].tolist() == sorted([3, 7, 5][:k]) and float32_p[1] == 1.0
+
+
+def test_remask_threshold_on_saturated_confidences():
+    logits = _saturated_logits(SATURATED, 1000, torch.float32, seed=4)
+    eligible = torch.ones(1, len(SATURATED), dtype=torch.bool, device=DEVICE)
+    for impl in (remask_topk, reference.remask_topk):
+        # Every saturated position is above 0.999; with a threshold of 1.0 none is, and the single most
+        # confident one (position 3, 1 - p ~ 1e-10) is committed, not the first position whose p rounds to 1.
+        _, conf, commit = impl(logits, eligible, _k(0), threshold=0.999)
+        assert torch.equal(commit[0].cpu(), torch.tensor([c is not None for c in SATURATED]))
+        _, _, commit = impl(logits, eligible, _k(0), threshold=1.0)
+        assert commit[0].nonzero()[:, 0].tolist() == [3]
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(eligible=torch.ones(2, 4, dtype=torch.int64)), "eligible must be a bool tensor"),
     (dict(k=torch.tensor([1])), "k must be an int64 tensor of shape \\[2\\]"),

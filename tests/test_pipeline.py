@@ -107,7 +107,7 @@ def official_generate(model, prompt_embeds, special, steps, gen_length, block_le
                 noisy[:, start:end] += temperature * -torch.log(-torch.log(u))
             x0 = torch.argmax(noisy, dim=-1)
             if remasking == "low_confidence":
-                p = F.softmax(logits, dim=-1)
+                p = F.softmax(logits.to(torch.float64), dim=-1)
                 x0_p = torch.squeeze(torch.gather(p, dim=-1, index=torch.unsqueeze(x0, -1)), -1)
             else:
                 x0_p = torch.zeros(x0.shape)
@@ -398,7 +398,17 @@ def test_cli_generate(engines_dir, ort_pipe, capsys, tmp_path):
     assert capsys.readouterr().out.endswith(expected.text + "\n")
 
 
+def test_cli_official_settings(engines_dir, ort_pipe, capsys):
+    assert main(["generate", "--engines", str(engines_dir), "--prompt", "What colour is the circle?",
+                 "--official", "--gen-length", "8", "--stats"]) == 0
+    out, err = capsys.readouterr()
+    expected = ort_pipe.generate("What colour is the circle?", config=GenerationConfig.official(gen_length=8))
+    assert out == expected.text + "\n" and json.loads(err)["steps"] == expected.stats["steps"]
+
+
 @pytest.mark.parametrize("extra, match", [
+    (["--official", "--cache", "dual", "--block-length", "8"], "--official sets the decoding itself: drop "
+                                                                 "--block-length, --cache"),
     (["--gen-length", "10", "--block-length", "4"], "not a multiple of block_length"),
     (["--cache", "full"], "invalid choice: 'full'"),
     (["--refresh-interval", "0"], "refresh_interval must be >= 1"),

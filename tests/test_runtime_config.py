@@ -45,3 +45,10 @@ def test_impossible_settings_raise(settings, match):
 
 def test_threshold_one_is_allowed():
     assert GenerationConfig(threshold=1.0).threshold == 1.0
+
+
+def test_official_settings_are_the_official_demos():
+    cfg = GenerationConfig.official()
+    assert (cfg.gen_length, cfg.block_length, cfg.steps, cfg.temperature) == (128, 128, 128, 0.0)
+    assert (cfg.remasking, cfg.cache, cfg.threshold) == ("low_confidence", "none", None)
+    assert GenerationConfig.official(gen_length=16) == GenerationConfig(gen_length=16, block_length=16, steps=16)

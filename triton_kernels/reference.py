@@ -1,7 +1,9 @@
 """Plain-PyTorch references for the two kernels.
 
 This module is the contract: the Triton launchers reuse its argument checks, its Gumbel noise and its
-top-k selection, so both paths draw identical noise and commit identical positions.
+top-k selection, so both paths draw identical noise and commit the same positions (the reference ranks by
+float64 confidences, the kernel by float32 complements: they can part only between confidences whose
+complements agree to ~6 significant digits).
 """
 
 import math
@@ -74,18 +76,48 @@ def banned_vocab_mask(banned_ids: Optional[torch.Tensor], vocab: int, device) ->
     return mask
 
 
-def select_commit(confidence: torch.Tensor, eligible: torch.Tensor, k: torch.Tensor,
-                  threshold: Optional[float]) -> torch.Tensor:
-    """Which eligible positions to commit: the k most confident per row (ties to the lower position),
-    or, with a threshold, all above it plus the single most confident one. Never syncs the host."""
-    B, L = confidence.shape
-    # confidence is -inf where not eligible, so eligible positions always rank first.
-    order = torch.sort(confidence, dim=1, descending=True, stable=True).indices
-    positions = torch.arange(L, device=confidence.device).expand(B, L)
+def select_commit(rank_key: torch.Tensor, eligible: torch.Tensor, k: torch.Tensor,
+                  above_threshold: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Which eligible positions to commit: the k with the smallest rank_key per row (ties to the lower
+    position), or, with `above_threshold` (threshold decoding), every eligible position it marks plus the
+    first-ranked one. Never syncs the host.
+
+    rank_key [B, L]: smaller commits first, +inf where not eligible (for low-confidence remasking, the
+    complement 1 - confidence, which keeps its order where the confidence itself rounds to 1.0).
+    """
+    B, L = rank_key.shape
+    order = torch.sort(rank_key, dim=1, stable=True).indices
+    positions = torch.arange(L, device=rank_key.device).expand(B, L)
     rank = torch.empty_like(order).scatter_(1, order, positions)
-    if threshold is None:
+    if above_threshold is None:
         return eligible & (rank < k[:, None])
-    return eligible & ((confidence > threshold) | (rank == 0))
+    return eligible & (above_threshold | (rank == 0))
+
+
+# Positions whose float64 softmax is taken at once: bounds the float64 copy (64 x 126,464 x 8 B = 65 MB).
+_FLOAT64_CHUNK = 64
+
+
+def confidence_float64(clean: torch.Tensor, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(clean)[x0] and its complement sum_{i != x0} softmax(clean)_i, both float64 [B, L].
+
+    The official loop takes this softmax in float64 (`F.softmax(logits.to(torch.float64))`); float32 rounds
+    a confidence to exactly 1.0 once 1 - p < ~3e-8, and such positions (end-of-text padding, template tokens
+    of a trained model) would then tie. The complement is summed over the other entries, never taken as
+    1 - p, so it orders positions even where p rounds to 1.0 in float64.
+    """
+    flat_logits, flat_x0 = clean.reshape(-1, clean.shape[-1]), x0.reshape(-1, 1)
+    confidence = torch.empty(flat_x0.shape[0], dtype=torch.float64, device=clean.device)
+    complement = torch.empty_like(confidence)
+    for start in range(0, flat_x0.shape[0], _FLOAT64_CHUNK):
+        rows = slice(start, start + _FLOAT64_CHUNK)
+        logits = flat_logits[rows].double()
+        exp = torch.exp(logits - logits.amax(dim=-1, keepdim=True))
+        picked = exp.gather(-1, flat_x0[rows])[:, 0]
+        others = exp.scatter_(-1, flat_x0[rows], 0.0).sum(dim=-1)
+        total = others + picked
+        confidence[rows], complement[rows] = picked / total, others / total
+    return confidence.view(x0.shape), complement.view(x0.shape)
 
 
 def remask_topk(logits, eligible, k, *, temperature=0.0, banned_ids=None, threshold=None, generator=None):
@@ -93,6 +125,8 @@ def remask_topk(logits, eligible, k, *, temperature=0.0, banned_ids=None, thresh
 
     logits [B, L, V] fp16/fp32, eligible bool [B, L], k int64 [B].
     Returns x0 int64 [B, L], confidence float32 [B, L] (-inf where not eligible), commit bool [B, L].
+    Confidences are taken in float64, as the official loop takes them, and positions are ranked by their
+    complement (confidence_float64).
     """
     check_remask_inputs(logits, eligible, k, temperature, banned_ids, threshold, generator)
     clean = logits.float()
@@ -101,9 +135,10 @@ def remask_topk(logits, eligible, k, *, temperature=0.0, banned_ids=None, thresh
         clean = clean.masked_fill(eligible[:, :, None] & banned, float("-inf"))
     noise = gumbel_noise(logits.shape, temperature, generator, logits.device)
     x0 = torch.argmax(clean if noise is None else clean + noise, dim=-1)
-    prob = torch.softmax(clean, dim=-1).gather(-1, x0[..., None])[..., 0]
-    confidence = prob.masked_fill(~eligible, float("-inf"))
-    return x0, confidence, select_commit(confidence, eligible, k, threshold)
+    prob, complement = confidence_float64(clean, x0)
+    above = None if threshold is None else prob > threshold
+    commit = select_commit(complement.masked_fill(~eligible, float("inf")), eligible, k, above)
+    return x0, prob.float().masked_fill(~eligible, float("-inf")), commit
 
 
 def check_attention_inputs(q, k, v, kv_lens, key_mask) -> None:

@@ -162,7 +162,7 @@ def commit_most_confident(x: torch.Tensor, logits: torch.Tensor, eligible: torch
     eligible positions. x, eligible [B, L]; logits [B, L, V] at the same positions (L: a slice of the answer)."""
     banned = list(special.banned_at_masked)
     logits[..., banned] = torch.where((x == special.mask)[..., None], float("-inf"), logits[..., banned])
-    confidence, x0 = logits.softmax(-1).max(-1)
+    confidence, x0 = logits.double().softmax(-1).max(-1)  # float64, as LLaDA's generate.py
     confidence = torch.where(eligible, confidence, float("-inf"))
     for row in range(x.shape[0]):
         top = confidence[row].topk(min(k, int(eligible[row].sum()))).indices
