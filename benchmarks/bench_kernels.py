@@ -6,6 +6,7 @@ repeated runs). Both kernels are memory-bound, so the main figure is achieved GB
 device's peak bandwidth; attention also reports TFLOP/s against the fp16 tensor-core peak.
 """
 
+import argparse
 import sys
 
 import torch
@@ -80,13 +81,21 @@ def _check_attention(args, kwargs, triton_kernels):
     return torch.allclose(out, want, rtol=1e-3, atol=1e-3)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_kernels", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda", help="the GPU: cuda or cuda:N (default: the current one)")
+    args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks.bench_kernels needs a CUDA GPU; none is visible to torch.", file=sys.stderr)
         return 2
+    device = torch.device(args.device)
+    if device.type != "cuda":
+        parser.error(f"--device {args.device}: the kernels run on CUDA devices only")
+    if device.index is not None:
+        torch.cuda.set_device(device)  # the cases below are made on "cuda", the current device
     import triton_kernels
 
-    bandwidth, bw_source, flops, flops_source = _peaks(torch.device("cuda"))
+    bandwidth, bw_source, flops, flops_source = _peaks(torch.device("cuda", torch.cuda.current_device()))
     print(f"device: {torch.cuda.get_device_name()}")
     print(f"peak bandwidth: {bandwidth / 1e9:.0f} GB/s" if bandwidth else "peak bandwidth: unknown", f"({bw_source})")
     print(f"peak fp16 tensor-core: {flops / 1e12:.0f} TFLOP/s" if flops else "peak TFLOP/s: unknown",

@@ -31,6 +31,12 @@ class Request:
         return token_f1(text, self.answer)
 
 
+def token_agreement(tokens: list[int], baseline: list[int]) -> float:
+    """Share of positions (over the longer answer) where the two answers hold the same token."""
+    length = max(len(tokens), len(baseline))
+    return 1.0 if length == 0 else sum(a == b for a, b in zip(tokens, baseline)) / length
+
+
 def load_requests(count: int, with_answers: bool) -> list[Request]:
     """The first `count` questions of the demo task's held-out split (with their images)."""
     examples = load_examples("eval", limit=count)
@@ -54,10 +60,15 @@ def run_interleaved(pipes: dict, requests: list[Request], config, warmup: int) -
     return results
 
 
-def load_pipeline(path: Path, backend: str):
+def add_device_argument(parser) -> None:
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda or cuda:N for every backend run (default: cuda for tensorrt, else cpu)")
+
+
+def load_pipeline(path: Path, backend: str, device: str | None = None):
     from runtime import Pipeline
 
-    return Pipeline.load(path, backend=backend)
+    return Pipeline.load(path, backend=backend, device=device)
 
 
 def source_sha256(folder: Path) -> str | None:

@@ -15,7 +15,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from benchmarks.common import load_pipeline, load_requests, machine_info, run_interleaved
+from benchmarks.common import add_device_argument, load_pipeline, load_requests, machine_info, run_interleaved
 
 STAGES = ("preprocess", "vision", "projector", "full_forward", "cached_forward", "remasking", "other")
 
@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    add_device_argument(parser)
     args = parser.parse_args(argv)
 
     from runtime import GenerationConfig
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         config = GenerationConfig(gen_length=args.gen_length, block_length=args.block_length,
                                   steps=args.steps or args.gen_length, cache=args.cache,
                                   refresh_interval=args.refresh_interval)
-        pipes = {b: load_pipeline(args.model if b == "torch" else args.engines, b) for b in args.backends}
+        pipes = {b: load_pipeline(args.model if b == "torch" else args.engines, b, args.device) for b in args.backends}
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

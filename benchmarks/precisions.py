@@ -18,14 +18,9 @@ import statistics
 import sys
 from pathlib import Path
 
-from benchmarks.common import load_pipeline, load_requests, machine_info, run_interleaved
+from benchmarks.common import (add_device_argument, load_pipeline, load_requests, machine_info, run_interleaved,
+                               token_agreement)
 from benchmarks.scale import engines_weight_bytes, run_phase
-
-
-def token_agreement(tokens: list[int], baseline: list[int]) -> float:
-    """Share of positions (over the longer answer) where the two answers hold the same token."""
-    length = max(len(tokens), len(baseline))
-    return 1.0 if length == 0 else sum(a == b for a, b in zip(tokens, baseline)) / length
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    add_device_argument(parser)
     args = parser.parse_args(argv)
 
     import warnings
@@ -55,11 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, BuildError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    memory = {p: run_phase("serve", str(folder)) for p, folder in folders.items()}
+    memory = {p: run_phase("serve", str(folder), args.device or "cpu") for p, folder in folders.items()}
     with warnings.catch_warnings():
         # fp16 on the CPU provider is measured here on purpose; its load-time warning is in the README
         warnings.filterwarnings("ignore", message="fp16 engines on ONNX Runtime's CPU provider")
-        pipes = {p: load_pipeline(folder, "onnxruntime") for p, folder in folders.items()}
+        pipes = {p: load_pipeline(folder, "onnxruntime", args.device) for p, folder in folders.items()}
     results = run_interleaved(pipes, load_requests(args.warmup + args.requests, with_answers=False), config,
                               args.warmup)
     seconds = {p: [r.stats["seconds"] for r in rs] for p, rs in results.items()}

@@ -31,9 +31,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
-from benchmarks.common import Request, is_shipped_model, load_pipeline, load_requests, machine_info, source_sha256
+from benchmarks.common import (Request, add_device_argument, is_shipped_model, load_pipeline, load_requests,
+                               machine_info, source_sha256, token_agreement)
 from benchmarks.demo_model.evaluate import reference_loop, steps_per_block_of
 from benchmarks.fast_dllm_loops import cached_loop
 from runtime import GenerationResult
@@ -69,14 +71,6 @@ class RowRuns:
     texts: list[str] = field(default_factory=list)
 
 
-def agreement(answer: list[int], baseline: list[int]) -> float:
-    """Share of positions where two answers hold the same token (the longer one sets the length)."""
-    length = max(len(answer), len(baseline))
-    if length == 0:
-        return 1.0
-    return sum(a == b for a, b in zip(answer, baseline)) / length
-
-
 def summarize(row: Row, runs: RowRuns, baseline: RowRuns, requests: list[Request],
               research: RowRuns | None = None) -> dict:
     """`research`: Fast-dLLM's loop with the same cache, for a runtime row that refreshes once per block."""
@@ -91,7 +85,7 @@ def summarize(row: Row, runs: RowRuns, baseline: RowRuns, requests: list[Request
         "cached_forwards": statistics.mean(runs.cached_forwards),
         "nfe": statistics.mean(calls),
         "speedup": statistics.median(baseline.seconds) / seconds,
-        "agreement": statistics.mean(agreement(a, b) for a, b in zip(runs.answers, baseline.answers)),
+        "agreement": statistics.mean(token_agreement(a, b) for a, b in zip(runs.answers, baseline.answers)),
         "outside_engines_share": 1 - sum(runs.engine_seconds) / total_seconds,
         "vs_fast_dllm": None if research is None else statistics.median(research.seconds) / seconds,
     }
@@ -170,7 +164,8 @@ def plain_loop(pipe, request: Request, settings: dict, cache: str):
     start = time.perf_counter()
     prompts = pipe.embed_prompts([RuntimeRequest(request.prompt, request.image)], StageTimer(pipe.runner.device))
     decode = (settings["gen_length"], settings["block_length"], settings["steps"])
-    with torch_threads(pipe.runner.loop_threads):
+    # The research loops make their tensors with torch's factory functions: on the model's device inside this block.
+    with torch_threads(pipe.runner.loop_threads), torch.device(pipe.runner.device):
         if cache == "none":
             answers, full, cached = *reference_loop(pipe.runner.model, prompts, pipe.special, *decode), 0
         else:
@@ -199,7 +194,7 @@ def plain_pipeline(args, pipe):
     if source_sha256(args.plain_model) != source_sha256(args.engines):
         raise ValueError(f"--plain-model {args.plain_model} is not the checkpoint {args.engines} was built from "
                          f"(their sha256 differ): give the engines' source checkpoint")
-    return load_pipeline(args.plain_model, "torch")
+    return load_pipeline(args.plain_model, "torch", args.device)
 
 
 def parse_args(argv):
@@ -220,6 +215,7 @@ def parse_args(argv):
                              "Fast-dLLM's cached ones) as rows, the plain loop as the baseline (default with "
                              "--backend torch: the --engines checkpoint itself)")
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    add_device_argument(parser)
     args = parser.parse_args(argv)
     if any(i < 1 for i in args.intervals):
         parser.error("--intervals must be >= 1")
@@ -238,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = dict(gen_length=args.gen_length, block_length=args.block_length,
                         steps=args.steps or args.gen_length)
         steps_per_block = steps_per_block_of(**settings)
-        pipe = load_pipeline(args.engines, args.backend)
+        pipe = load_pipeline(args.engines, args.backend, args.device)
         plain_pipe = plain_pipeline(args, pipe)
         rows = [Row("none", None)] + [Row(c, r) for c in args.cache for r in args.intervals]
         rows += [row for t in args.thresholds for row in (Row("none", None, t), Row("dual", max(args.intervals), t))]

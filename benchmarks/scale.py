@@ -152,25 +152,38 @@ def phase_build(checkpoint: Path, engines: Path, precision: str) -> dict:
             "step_start_rss": step_starts, "step_peak_rss": step_peaks, "step_peak_so_far": step_peak_so_far}
 
 
-def phase_serve(engines: Path) -> dict:
-    """Load the engines with ONNX Runtime and generate once, in this process."""
+def phase_serve(engines: Path, device: str) -> dict:
+    """Load the engines with ONNX Runtime on `device` and generate once, in this process. On CUDA the device's
+    used memory (torch.cuda.mem_get_info: ONNX Runtime's allocations included) after loading and after the
+    generation is recorded too."""
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     from llada_v import conversation_ids
     from runtime import GenerationConfig, Pipeline
 
     before = rss()
     start = time.perf_counter()
-    pipe = Pipeline.load(engines, backend="onnxruntime")
+    pipe = Pipeline.load(engines, backend="onnxruntime", device=device)
     loaded, load_seconds = rss(), time.perf_counter() - start
+    gpu = {}
+    if pipe.runner.device.type == "cuda":
+        gpu["gpu_used_loaded"] = gpu_used_bytes(pipe.runner.device)
     start = time.perf_counter()
     result = pipe.generate(PROMPT, config=GenerationConfig(**GEN))
     generate_seconds = time.perf_counter() - start
+    if gpu:
+        gpu["gpu_used_after_generate"] = gpu_used_bytes(pipe.runner.device)
     lm = pipe.runner.config.language
     length = len(conversation_ids(pipe.tokenizer, [{"role": "user", "content": PROMPT}])) + GEN["gen_length"]
     kv_bytes = 2 * lm.num_hidden_layers * length * lm.hidden_size * pipe.runner.dtype.itemsize  # keys and values
     pipe.close()
     return {"load_seconds": load_seconds, "generate_seconds": generate_seconds, "rss_before": before,
-            "rss_loaded": loaded, "peak_rss": peak_rss(), "kv_cache_bytes": kv_bytes, "answer_tokens": len(result.token_ids)}
+            "rss_loaded": loaded, "peak_rss": peak_rss(), "kv_cache_bytes": kv_bytes, "answer_tokens": len(result.token_ids),
+            **gpu}
+
+
+def gpu_used_bytes(device: torch.device) -> int:
+    free, total = torch.cuda.mem_get_info(device)
+    return total - free
 
 
 def run_phase(*args: str) -> dict:
@@ -189,7 +202,7 @@ def fixed_costs(precisions: list[str], out: Path) -> dict[str, int]:
     return {p: run_phase("build", str(small), str(out / f"engines-fixed-cost-{p}"), p)["peak_rss"] for p in precisions}
 
 
-def measure(params: float, precisions: list[str], out: Path, fixed: dict[str, int]) -> list[dict]:
+def measure(params: float, precisions: list[str], out: Path, fixed: dict[str, int], device: str) -> list[dict]:
     cfg = scaled_config(params)
     checkpoint = out / f"checkpoint-{params:.0e}"
     if not (checkpoint / "config.json").is_file():
@@ -203,7 +216,7 @@ def measure(params: float, precisions: list[str], out: Path, fixed: dict[str, in
         build = run_phase("build", str(checkpoint), str(engines), precision)
         weights = engines_weight_bytes(engines)
         print(f"{params:.0e} {precision}: serve ...", file=sys.stderr, flush=True)
-        serve = run_phase("serve", str(engines))
+        serve = run_phase("serve", str(engines), device)
         rows.append(summarize(cfg, params, precision, weights, build, fixed[precision], serve))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
@@ -258,18 +271,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", nargs="+", default=["fp16"], choices=("fp32", "fp16", "int8", "int4"))
     parser.add_argument("--out", type=Path, default=Path("scale-bench"),
                         help="working folder: checkpoints, engines, results.json (needs ~4x the fp16 weights)")
+    parser.add_argument("--device", default="cpu", help="where the serve phase runs: cpu, cuda or cuda:N")
     parser.add_argument("--phase", nargs="+", help=argparse.SUPPRESS)  # internal: one phase in this process
     args = parser.parse_args(argv)
     if args.phase:
         name, *rest = args.phase
-        result = phase_build(Path(rest[0]), Path(rest[1]), rest[2]) if name == "build" else phase_serve(Path(rest[0]))
+        result = phase_build(Path(rest[0]), Path(rest[1]), rest[2]) if name == "build" else \
+            phase_serve(Path(rest[0]), rest[1])
         print(json.dumps(result))
         return 0
     from benchmarks.common import machine_info
 
     args.out.mkdir(parents=True, exist_ok=True)
     fixed = fixed_costs(args.precision, args.out)
-    rows = [row for params in args.params for row in measure(params, args.precision, args.out, fixed)]
+    rows = [row for params in args.params for row in measure(params, args.precision, args.out, fixed, args.device)]
     (args.out / "results.json").write_text(json.dumps({"machine": machine_info(), "rows": rows}, indent=2) + "\n")
     print(table(rows))
     return 0

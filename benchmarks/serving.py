@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from benchmarks.common import load_requests, machine_info
+from benchmarks.common import add_device_argument, load_requests, machine_info
 from benchmarks.server_process import ServerProcess, user_message
 
 
@@ -139,6 +139,7 @@ def parse_args(argv):
     parser.add_argument("--refresh-interval", type=int, default=32)
     parser.add_argument("--threshold", type=float, default=None)
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    add_device_argument(parser)
     args = parser.parse_args(argv)
     if min(args.concurrency) < 1 or args.requests < 1:
         parser.error("--concurrency and --requests must be >= 1")
@@ -148,7 +149,8 @@ def parse_args(argv):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     bodies = request_bodies(args.requests, args)
-    common = ("--engines", str(args.engines), "--backend", args.backend, "--max-queue", str(args.requests))
+    common = ("--engines", str(args.engines), "--backend", args.backend, "--max-queue", str(args.requests),
+              *(("--device", args.device) if args.device else ()))
     servers = {"batched": ServerProcess(*common, "--max-batch", str(args.max_batch), threads=2),
                "single": ServerProcess(*common, "--max-batch", "1", threads=2)}
     levels = []

@@ -40,9 +40,10 @@ def _parser() -> argparse.ArgumentParser:
     build = commands.add_parser(
         "build", help="build an engines folder from a checkpoint", epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Export the vision tower, projector and denoiser (full and cached) of a checkpoint to\n"
-                    "ONNX, validate each against the float32 PyTorch model with ONNX Runtime on several\n"
-                    "input shapes, and write a self-contained engines folder (docs/engines.md).")
+        description="Export the vision tower, projector and denoiser (one graph for both passes) of a\n"
+                    "checkpoint to ONNX, validate each against the float32 PyTorch model with ONNX Runtime on\n"
+                    "several input shapes (and each TensorRT engine too), and write a self-contained engines\n"
+                    "folder (docs/engines.md).")
     build.add_argument("--precision", choices=("fp32", "fp16", "int8", "int4"), default="fp16",
                        help="precision baked into the graphs (default: fp16; norms, softmax and RoPE stay fp32); "
                             "int8/int4: weight-only quantized matmuls (ONNX Runtime's MatMulNBits) on fp32 "
@@ -57,6 +58,19 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--force", action="store_true",
                        help="replace an engines folder at --out once the new build succeeded")
     build.add_argument("--quiet", action="store_true", help="no progress lines")
+    limits = build.add_argument_group(
+        "limits", "what one call of the engines may take (TensorRT's optimization profiles; the runtime splits larger "
+                  "batches and tile sets into calls that fit, for every backend). The defaults fit an 80 GB GPU: "
+                  "the model's length up to 8192 (LLaDA-V's) and the largest batch of 8, 4, 2, 1 that fits there (2 "
+                  "for LLaDA-V 8B in fp16); the build prints the memory the largest shapes need")
+    limits.add_argument("--max-batch", type=int, metavar="N", help="rows per denoiser call")
+    limits.add_argument("--max-sequence", type=int, metavar="N",
+                        help="prompt + answer positions (default: the model's tokenizer_model_max_length, else "
+                             "max_position_embeddings, up to 8192)")
+    limits.add_argument("--max-block", type=int, metavar="N", help="block length: logits rows per call (default 256)")
+    limits.add_argument("--max-gen-length", type=int, metavar="N",
+                        help="answer length for the prefix cache, whose cached pass runs the block and the answer "
+                             "after it (default 1024)")
     return parser
 
 
@@ -79,7 +93,9 @@ def _build(args: argparse.Namespace) -> int:
     from .build import BuildError, EngineBuildError, ValidationError, build_engines  # after parsing: --help stays fast
 
     try:
-        build_engines(args.model, args.out, args.precision, args.backend, args.force, progress=not args.quiet)
+        build_engines(args.model, args.out, args.precision, args.backend, args.force, progress=not args.quiet,
+                      max_batch=args.max_batch, max_sequence=args.max_sequence, max_block=args.max_block,
+                      max_gen_length=args.max_gen_length)
     except BuildError as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT

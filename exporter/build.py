@@ -33,16 +33,17 @@ import torch
 from safetensors.torch import save_file
 
 import llada_v
-from llada_v import CheckpointError, LladaV, LladaVConfig
+from llada_v import CheckpointError, LladaVConfig
 from llada_v.weights import CheckpointReader, copy_tokenizer, load_model_streaming, release_freed_memory
 
 from . import trt_build
 from .manifest import EMBEDDINGS_FILE, MANIFEST_FILE, Manifest, PartEntry, checkpoint_sha256
-from .onnx_export import (EXTERNAL_DATA_THRESHOLD, PRECISIONS, TORCH_DTYPES, dim_ranges, finish_part, part_specs,
-                          trace_part)
-from .quantize import BITS, BLOCK_SIZE, dequantize_into
+from .onnx_export import EXTERNAL_DATA_THRESHOLD, PRECISIONS, TORCH_DTYPES, finish_part, part_specs, trace_part
+from .profiles import (ENGINE_BYTES_PER_WEIGHT, EngineLimits, activation_table, default_limits, part_profiles,
+                       weight_count)
+from .quantize import BITS, dequantize_into
 from .trt_build import EngineBuildError
-from .validate import ValidationError, check_part, reference_cases
+from .validate import ValidationError, check_part, check_plan, reference_cases
 from .wrappers import weightless_model, wrap
 
 BACKENDS = ("onnx", "tensorrt")
@@ -57,9 +58,13 @@ class BuildError(ValueError):
 
 
 def build_engines(model_dir: Path | None, out_dir: Path, precision: str = "fp16", backend: str = "onnx",
-                  force: bool = False, progress: bool = True, *,
+                  force: bool = False, progress: bool = True, *, max_batch: int | None = None,
+                  max_sequence: int | None = None, max_block: int | None = None, max_gen_length: int | None = None,
                   external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> Path:
     """Build the engines folder of a checkpoint (the shipped model when model_dir is None); returns out_dir.
+
+    max_batch, max_sequence, max_block, max_gen_length: what one call of the engines may take (profiles.py);
+    each one not given gets its default (profiles.default_limits: sized for an 80 GB GPU).
 
     Raises BuildError for bad input, ValidationError when a part exceeds its tolerance, and
     EngineBuildError when TensorRT fails; in every case nothing is left behind. An existing out_dir is
@@ -72,6 +77,7 @@ def build_engines(model_dir: Path | None, out_dir: Path, precision: str = "fp16"
     model_dir = Path(model_dir) if model_dir is not None else llada_v.SHIPPED_MODEL_DIR
     out_dir = Path(os.path.abspath(out_dir))  # abspath, not absolute(): `..` must not stay in the name
     reader = _check_request(model_dir, out_dir, precision, backend)
+    limits = _engine_limits(reader.cfg, precision, backend, max_batch, max_sequence, max_block, max_gen_length, log)
     start = time.perf_counter()
     try:
         with _parent_folders(out_dir), _build_lock(out_dir):
@@ -80,7 +86,8 @@ def build_engines(model_dir: Path | None, out_dir: Path, precision: str = "fp16"
             if reason := _replace_refusal(out_dir, force):
                 raise BuildError(reason)
             with _staging_folder(out_dir) as staging:
-                manifest = _assemble(reader, precision, backend, staging, out_dir, external_data_threshold, log)
+                manifest = _assemble(reader, precision, backend, limits, staging, out_dir, external_data_threshold,
+                                     log)
                 _publish(staging, out_dir, force)
     except CheckpointError as err:  # a shard that became unreadable during the build (the headers were checked)
         raise BuildError(f"{err}; nothing was written") from err
@@ -88,7 +95,7 @@ def build_engines(model_dir: Path | None, out_dir: Path, precision: str = "fp16"
         hint = "free some space or choose another --out" if err.errno == errno.ENOSPC else "choose another --out"
         raise BuildError(f"cannot write the engines folder {out_dir} ({err}): {hint}; nothing was written") from err
     except MemoryError as err:
-        needed = PROCESS_BYTES + _weight_count(reader.cfg) * BUILD_BYTES_PER_WEIGHT[precision]
+        needed = PROCESS_BYTES + weight_count(reader.cfg) * BUILD_BYTES_PER_WEIGHT[precision]
         raise BuildError(f"ran out of memory building the engines of {model_dir}: a {precision} build needs about "
                          f"{needed / 1e9:.0f} GB of memory; free memory or build on a larger machine; nothing was "
                          f"written") from err
@@ -131,16 +138,43 @@ def _check_request(model_dir: Path, out_dir: Path, precision: str, backend: str)
 # fp32, fp16 (the CPU provider's fp32 casts) and int8, the exporter's trace for int4.
 BUILD_BYTES_PER_WEIGHT = {"fp32": 4.1, "fp16": 2.6, "int8": 1.5, "int4": 1.0}
 PROCESS_BYTES = 0.6e9
-# Bytes a weight takes in the finished engines (int8/int4: the levels and one fp32 scale per block; int4 also a
-# 4-bit zero point per block).
-ENGINE_BYTES_PER_WEIGHT = {"fp32": 4, "fp16": 2, "int8": 1 + 4 / BLOCK_SIZE, "int4": 0.5 + 4.5 / BLOCK_SIZE}
+
+
+def _engine_limits(cfg: LladaVConfig, precision: str, backend: str, max_batch: int | None, max_sequence: int | None,
+                   max_block: int | None, max_gen_length: int | None, log: "_Progress") -> EngineLimits:
+    """The limits asked for, the others defaulted; with TensorRT, refused when the engines would not fit this GPU
+    at their largest shapes."""
+    asked = {"--max-batch": max_batch, "--max-sequence": max_sequence, "--max-block": max_block,
+             "--max-gen-length": max_gen_length}
+    for flag, value in asked.items():
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise BuildError(f"{flag} must be a positive integer, got {value!r}")
+    if max_sequence is not None and max_sequence > cfg.language.max_position_embeddings:
+        raise BuildError(f"--max-sequence {max_sequence} exceeds the model's {cfg.language.max_position_embeddings} "
+                         f"positions (max_position_embeddings)")
+    try:
+        limits = default_limits(cfg, precision, max_sequence, max_block, max_gen_length, max_batch)
+    except ValueError as err:
+        raise BuildError(f"{err}: change --max-block, --max-gen-length or --max-sequence") from err
+    table = activation_table(cfg, precision, limits)
+    weights = weight_count(cfg) * ENGINE_BYTES_PER_WEIGHT[precision]
+    part, profile, largest = max(table, key=lambda row: row[2])
+    log.line(f"engine limits: batch {limits.max_batch}, sequence {limits.max_sequence}, block {limits.max_block}, "
+             f"prefix-cache queries {limits.max_gen_length}; at the largest shapes the {part} {profile} pass needs "
+             f"~{largest / 1e9:.1f} GB of activations and I/O beside {weights / 1e9:.1f} GB of weights")
+    if backend == "tensorrt" and weights + largest > (gpu := trt_build.gpu_memory_bytes()):
+        raise BuildError(f"the engines need ~{(weights + largest) / 1e9:.1f} GB at their largest shapes ({part} "
+                         f"{profile} pass: batch {limits.max_batch}, sequence {limits.max_sequence}), more than this "
+                         f"GPU's {gpu / 1e9:.1f} GB: lower --max-batch (now {limits.max_batch}) or --max-sequence "
+                         f"(now {limits.max_sequence})")
+    return limits
 
 
 def _check_disk(cfg: LladaVConfig, precision: str, out_dir: Path) -> None:
     """Refuse up front when the disk cannot hold the build: at its peak a part's traced graph (in the export
     dtype; int8/int4 are traced in float32) and its finished files are both on disk; 10% on top for the
     embedding table, the graphs' structure and the tokenizer."""
-    params = _weight_count(cfg)
+    params = weight_count(cfg)
     traced = TORCH_DTYPES[PRECISIONS[precision]].itemsize
     needed = 1.1 * params * (traced + ENGINE_BYTES_PER_WEIGHT[precision])
     folder = next(folder for folder in out_dir.parents if folder.exists())
@@ -150,11 +184,6 @@ def _check_disk(cfg: LladaVConfig, precision: str, out_dir: Path) -> None:
                          f"weights, traced at {traced} bytes each and written at "
                          f"{ENGINE_BYTES_PER_WEIGHT[precision]:g}), {free / 1e9:.1f} GB are free: free some space "
                          f"or choose another --out; nothing was written")
-
-
-def _weight_count(cfg: LladaVConfig) -> int:
-    with torch.device("meta"):
-        return sum(p.numel() for p in LladaV(cfg).parameters())
 
 
 def _check_out_path(out_dir: Path) -> None:
@@ -284,8 +313,8 @@ def _staging_folder(out_dir: Path):
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _assemble(reader: CheckpointReader, precision: str, backend: str, staging: Path, out_dir: Path,
-              external_data_threshold: int, log: "_Progress") -> Manifest:
+def _assemble(reader: CheckpointReader, precision: str, backend: str, limits: EngineLimits, staging: Path,
+              out_dir: Path, external_data_threshold: int, log: "_Progress") -> Manifest:
     """Write the whole engines folder into staging; returns its manifest (saved there too).
 
     One large thing in memory at a time: the graphs are traced from a model without weights
@@ -304,16 +333,17 @@ def _assemble(reader: CheckpointReader, precision: str, backend: str, staging: P
             traced[name] = trace_part(graph, spec, staging, weights), weight_bytes > external_data_threshold
         release_freed_memory()
     _write_support_files(reader, precision, staging)
-    manifest = Manifest(precision, model_dir.absolute(), cfg.language.max_position_embeddings)
-    ranges = dim_ranges(cfg)
+    manifest = Manifest(precision, model_dir.absolute(), limits)
+    profiles = part_profiles(cfg, limits)
     for name, (path, external) in traced.items():
         with log.step(f"writing {name}.onnx" + (f" ({precision} weights)" if precision in BITS else "")):
             files = finish_part(path, specs[name], staging, external, precision)
         release_freed_memory()
-        manifest.parts[name] = PartEntry(specs[name], files, {d: ranges[d] for d in specs[name].dims})
-    _validate_all(model_dir, specs, precision, staging, manifest, log)
+        manifest.parts[name] = PartEntry(specs[name], files, profiles[name])
+    cases = _validate_all(model_dir, specs, precision, limits, staging, manifest, log)
     if backend == "tensorrt":
-        _build_plans(cfg, staging, out_dir, manifest, log)
+        _build_plans(staging, out_dir, manifest, log)
+        _validate_plans(specs, cases, staging, manifest, log)
     with log.step("hashing the checkpoint's weights"):
         manifest.checkpoint_sha256 = checkpoint_sha256(model_dir)
     manifest.save(staging)
@@ -341,13 +371,13 @@ def _write_support_files(reader: CheckpointReader, precision: str, staging: Path
     copy_tokenizer(reader.folder, staging)
 
 
-def _validate_all(model_dir: Path, specs: dict, precision: str, staging: Path, manifest: Manifest,
-                  log: "_Progress") -> None:
+def _validate_all(model_dir: Path, specs: dict, precision: str, limits: EngineLimits, staging: Path,
+                  manifest: Manifest, log: "_Progress") -> dict:
     """The float32 reference computes every part's expected outputs first and is freed; then each part's
     ONNX Runtime session is compared with them, one session at a time. The reference reads each
     transformer layer and the head from the checkpoint while it runs, and only the token embeddings it
     samples (load_model_streaming); for int8/int4 each layer and the head then take the graph's own
-    weights, dequantized (quantize.py says why)."""
+    weights, dequantized (quantize.py says why). Returns the cases (small), for the TensorRT plans."""
     quantized = [onnx.load(staging / f"{name}.onnx", load_external_data=False) for name in specs] \
         if precision in BITS else []
 
@@ -360,7 +390,7 @@ def _validate_all(model_dir: Path, specs: dict, precision: str, staging: Path, m
     cases = {}
     for name, spec in specs.items():
         with log.step(f"running the float32 reference for {name}"):
-            cases[name] = reference_cases(spec, reference)
+            cases[name] = reference_cases(spec, reference, limits)
     del reference
     release_freed_memory()
     for name, spec in specs.items():
@@ -371,17 +401,30 @@ def _validate_all(model_dir: Path, specs: dict, precision: str, staging: Path, m
         manifest.validation[name] = result.to_dict()
         if not result.passed:
             raise ValidationError(f"{result.summary()}; nothing was written")
+    return cases
 
 
-def _build_plans(cfg: LladaVConfig, staging: Path, out_dir: Path, manifest: Manifest, log: "_Progress") -> None:
+def _build_plans(staging: Path, out_dir: Path, manifest: Manifest, log: "_Progress") -> None:
     timing_cache = staging / trt_build.TIMING_CACHE_FILE
     if (out_dir / trt_build.TIMING_CACHE_FILE).is_file():
         shutil.copy2(out_dir / trt_build.TIMING_CACHE_FILE, timing_cache)
     for name, part in manifest.parts.items():
         with log.step(f"building TensorRT engine {name}.plan"):
-            trt_build.build_engine(staging / part.files[0], part.spec, part.dims, staging / f"{name}.plan",
-                                   timing_cache)
+            trt_build.build_engine(staging / part.files[0], part.spec, part.profiles, manifest.precision,
+                                   staging / f"{name}.plan", timing_cache)
         part.plan = f"{name}.plan"
+
+
+def _validate_plans(specs: dict, cases: dict, staging: Path, manifest: Manifest, log: "_Progress") -> None:
+    """Each plan on the same inputs as its ONNX part, against the same float32 reference outputs."""
+    for name, part in manifest.parts.items():
+        with log.step(f"validating {name}.plan with TensorRT") as status:
+            result = check_plan(staging / part.plan, specs[name], list(part.profiles), cases[name], manifest.precision,
+                                trt_build.plan_device())
+            status.note = result.summary()
+        manifest.validation[name]["tensorrt"] = result.to_dict()
+        if not result.passed:
+            raise ValidationError(f"TensorRT engine {result.summary()}; nothing was written")
 
 
 def _apply_umask(folder: Path) -> None:

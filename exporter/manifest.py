@@ -1,7 +1,7 @@
 """manifest.json of an engines folder: what each part is, how it was checked, where it came from.
 
-Layout (docs/engines.md): format_version, precision, source {checkpoint, sha256}, max_sequence_length,
-embeddings, parts {name: files, onnx, plan?, inputs, outputs, dims}, validation {name: ...}.
+Layout (docs/engines.md): format_version, precision, source {checkpoint, sha256}, limits,
+embeddings, parts {name: files, onnx, plan?, inputs, outputs, profiles}, validation {name: ...}.
 """
 
 from __future__ import annotations
@@ -13,18 +13,16 @@ from pathlib import Path
 
 from llada_v.weights import INDEX_FILE, checkpoint_files
 
-from .onnx_export import DimRange, PartSpec
-
-FORMAT_VERSION = 3
-MANIFEST_FILE = "manifest.json"
-EMBEDDINGS_FILE = "embeddings.safetensors"
+from .engines_format import EMBEDDINGS_FILE, FORMAT_VERSION, MANIFEST_FILE, EngineLimits
+from .onnx_export import PartSpec
+from .profiles import Profiles
 
 
 @dataclass
 class PartEntry:
     spec: PartSpec
     files: list[str]  # every file the part needs, its .onnx first (external data may be another part's)
-    dims: dict[str, DimRange]  # the ranges of the part's symbolic dimensions
+    profiles: Profiles  # the ranges of the part's symbolic dimensions, per optimization profile
     plan: str | None = None  # TensorRT engine, backend tensorrt only
 
     def to_dict(self) -> dict:
@@ -33,7 +31,8 @@ class PartEntry:
             entry["plan"] = self.plan
         entry["inputs"] = [t.to_dict() for t in self.spec.inputs]
         entry["outputs"] = [t.to_dict() for t in self.spec.outputs]
-        entry["dims"] = {name: asdict(self.dims[name]) for name in self.spec.dims}
+        entry["profiles"] = {profile: {name: asdict(dims[name]) for name in self.spec.dims}
+                             for profile, dims in self.profiles.items()}
         return entry
 
 
@@ -41,7 +40,7 @@ class PartEntry:
 class Manifest:
     precision: str
     checkpoint: Path
-    max_sequence_length: int
+    limits: EngineLimits
     checkpoint_sha256: str = ""  # filled in last: hashing a real checkpoint's weights takes a while
     parts: dict[str, PartEntry] = field(default_factory=dict)
     validation: dict[str, dict] = field(default_factory=dict)
@@ -49,7 +48,7 @@ class Manifest:
     def to_dict(self) -> dict:
         return {"format_version": FORMAT_VERSION, "precision": self.precision,
                 "source": {"checkpoint": str(self.checkpoint), "sha256": self.checkpoint_sha256},
-                "max_sequence_length": self.max_sequence_length, "embeddings": EMBEDDINGS_FILE,
+                "limits": self.limits.to_dict(), "embeddings": EMBEDDINGS_FILE,
                 "parts": {name: part.to_dict() for name, part in self.parts.items()},
                 "validation": self.validation}
 

@@ -2,8 +2,8 @@
 
 The spec table names each part's inputs and outputs with their dtypes and shapes; symbolic
 dimensions are strings (`num_tiles`, `batch`, `sequence`, `positions`, `past_sequence`) whose
-allowed ranges are in `dim_ranges`. The ONNX dynamic axes, the manifest, the validation inputs and
-the TensorRT optimization profiles are all derived from it.
+allowed ranges are the optimization profiles of profiles.py. The ONNX dynamic axes, the manifest, the
+validation inputs and the TensorRT optimization profiles are all derived from it.
 
 Exporter: the TorchScript-based `torch.onnx.export(..., dynamo=False)`. It is deprecated in favour of
 the torch.export-based exporter but still supported by torch 2.13; on this project's graphs it
@@ -75,7 +75,6 @@ EXTERNAL_TENSOR_MIN_BYTES = 1024  # smaller tensors stay inside the .onnx file (
 # rows are 126,464 values, so 32 MB of float32 beside the stored tensor instead of two float32 copies of it.
 WRITE_ROWS = 64
 ONNX_TYPES = {torch.float32: onnx.TensorProto.FLOAT, torch.float16: onnx.TensorProto.FLOAT16}
-MAX_BATCH = 4  # TensorRT profile limit; ONNX Runtime accepts any batch
 # Example sizes for tracing: all different and all > 1, so no two dynamic axes can be confused.
 EXPORT_DIMS = {"num_tiles": 2, "batch": 2, "sequence": 7, "positions": 3, "past_sequence": 11}
 
@@ -91,15 +90,6 @@ class TensorSpec:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
-
-
-@dataclass(frozen=True)
-class DimRange:
-    """Allowed sizes of a symbolic dimension (TensorRT's min / opt / max profile)."""
-
-    min: int
-    opt: int
-    max: int
 
 
 @dataclass(frozen=True)
@@ -157,20 +147,6 @@ def part_specs(cfg: LladaVConfig, precision: str) -> dict[str, PartSpec]:
                *per_layer("present_keys", (b, h, q, d)), *per_layer("present_values", (b, h, q, d)))
     specs["denoiser"] = PartSpec("denoiser", inputs=queries + past, outputs=outputs)
     return specs
-
-
-def dim_ranges(cfg: LladaVConfig) -> dict[str, DimRange]:
-    """Sizes each symbolic dimension may take (the TensorRT optimization profile)."""
-    max_len = cfg.language.max_position_embeddings
-    ranges = {"batch": DimRange(1, 1, MAX_BATCH),
-              "sequence": DimRange(1, min(1024, max_len), max_len),
-              "positions": DimRange(1, min(32, max_len), max_len),
-              "past_sequence": DimRange(0, min(1024, max_len), max_len)}  # 0: the full pass
-    if cfg.vision is not None:
-        max_grid = max((w // cfg.vision.image_size) * (h // cfg.vision.image_size) for w, h in cfg.image_grid_pinpoints)
-        # A global view plus the grid tiles.
-        ranges["num_tiles"] = DimRange(1, 1 + cfg.max_tiles_before_shrink, 1 + max_grid)
-    return ranges
 
 
 def trace_part(graph: nn.Module, spec: PartSpec, out_dir: Path,

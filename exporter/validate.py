@@ -1,9 +1,10 @@
 """Check each exported part with ONNX Runtime (CPU) against the float32 PyTorch model.
 
 Every part runs on fresh random inputs of several shapes, none of them the export shape
-(`VALIDATION_DIMS`): tile counts 1 and 3, batch 1 and 2 (with left padding), several sequence
-lengths, logits at a few or at all positions, caches of several lengths. The denoiser's full pass
-(an empty cache) is compared with the module's own full pass, the cached pass with its cached pass.
+(`VALIDATION_DIMS`, each cut to the engines' limits): tile counts 1 and 3, batch 1 and 2 (with left
+padding), several sequence lengths, logits at a few or at all positions, caches of several lengths.
+The denoiser's full pass (an empty cache) is compared with the module's own full pass, the cached pass
+with its cached pass. With TensorRT each plan then runs on the same inputs (check_plan).
 Inputs are drawn in the engines' precision and given to the reference upcast to float32, so only the
 graph's own arithmetic is measured. Denoiser inputs are realistic: token embeddings from the checkpoint, and caches that
 are the reference's own keys/values.
@@ -37,6 +38,7 @@ import torch
 from llada_v import LladaV
 
 from .onnx_export import PartSpec
+from .profiles import EngineLimits, part_profiles, profile_for, within
 from .wrappers import wrap
 
 FP16_UNIT_ROUNDOFF = 2.0**-11
@@ -89,6 +91,7 @@ class OutputCheck:
 class PartValidation:
     part: str
     rel_tol: float
+    shapes: list[dict[str, int]]
     checks: list[OutputCheck] = field(default_factory=list)
 
     @property
@@ -111,7 +114,7 @@ class PartValidation:
         w = self.worst
         return {"max_abs_err": w.max_abs_err, "atol": w.atol, "passed": self.passed, "rel_tol": self.rel_tol,
                 "max_rel_err": max(c.max_abs_err / c.scale for c in self.checks),
-                "shapes_checked": VALIDATION_DIMS[self.part], "checks": [c.to_dict() for c in self.checks]}
+                "shapes_checked": self.shapes, "checks": [c.to_dict() for c in self.checks]}
 
 
 def open_session(path, precision: str = "fp32") -> ort.InferenceSession:
@@ -142,13 +145,17 @@ class Case:
     expected: tuple[np.ndarray, ...]
 
 
-def reference_cases(spec: PartSpec, reference: LladaV) -> list[Case]:
-    """The float32 reference on fresh random inputs at every shape of VALIDATION_DIMS. The cases are small
-    (a few positions, a few tiles), so the reference can be freed before any session is opened."""
+def reference_cases(spec: PartSpec, reference: LladaV, limits: EngineLimits | None = None) -> list[Case]:
+    """The float32 reference on fresh random inputs at every shape of VALIDATION_DIMS, cut to the engines'
+    limits (None: as they are). The cases are small (a few positions, a few tiles), so the reference can be
+    freed before any session is opened."""
     graph = wrap(spec.name, reference)
     rng = np.random.default_rng(SEED)
+    profiles = None if limits is None else part_profiles(reference.config, limits)[spec.name]
     cases = []
     for dims in VALIDATION_DIMS[spec.name]:
+        if profiles is not None:
+            dims = within(profiles[profile_for(spec.name, dims)], dims)
         inputs = sample_inputs(spec, dims, reference, rng)
         # An empty cache is the full pass: checked against the module's own full pass (no cache inputs).
         names = spec.input_names[:4] if dims.get("past_sequence") == 0 else spec.input_names
@@ -163,18 +170,36 @@ def check_part(onnx_path, spec: PartSpec, cases: list[Case], precision: str) -> 
     """Run the ONNX part on every case's inputs and compare with its expected outputs."""
     session = open_session(onnx_path, precision)
     check_io(session, spec)
-    result = PartValidation(spec.name, REL_TOL[precision])
+    result = PartValidation(spec.name, REL_TOL[precision], [case.dims for case in cases])
     for case in cases:
-        onnx_outputs = session.run(spec.output_names, case.inputs)
-        for out, got, want in zip(spec.outputs, onnx_outputs, case.expected, strict=True):
-            if got.shape != want.shape:
-                raise ValidationError(f"{spec.name}: output {out.name} has shape {got.shape} at {case.dims}, "
-                                      f"PyTorch gives {want.shape}")
-            got = got.astype(np.float32)
-            err = float(np.abs(got - want).max()) if np.isfinite(got).all() else float("inf")
-            scale = float(np.abs(want).max()) or 1.0
-            result.checks.append(OutputCheck(case.dims, out.name, err, scale, result.rel_tol * scale))
+        _compare(result, spec, case, session.run(spec.output_names, case.inputs))
     return result
+
+
+def check_plan(plan_path, spec: PartSpec, profiles: list[str], cases: list[Case], precision: str,
+               device: torch.device) -> PartValidation:
+    """Run the part's TensorRT plan (trt_plan.PlanExecutor, as the runtime does) on `device` on every case's inputs
+    and compare with its expected outputs, with the tolerance of the ONNX part."""
+    from .trt_plan import PlanExecutor
+
+    plan = PlanExecutor(plan_path, device, profiles)
+    result = PartValidation(spec.name, REL_TOL[precision], [case.dims for case in cases])
+    for case in cases:
+        inputs = {name: torch.from_numpy(array).to(device) for name, array in case.inputs.items()}
+        outputs = plan.run(profile_for(spec.name, case.dims), inputs)
+        _compare(result, spec, case, [outputs[name].float().cpu().numpy() for name in spec.output_names])
+    return result
+
+
+def _compare(result: PartValidation, spec: PartSpec, case: Case, outputs) -> None:
+    for out, got, want in zip(spec.outputs, outputs, case.expected, strict=True):
+        if got.shape != want.shape:
+            raise ValidationError(f"{spec.name}: output {out.name} has shape {got.shape} at {case.dims}, "
+                                  f"PyTorch gives {want.shape}")
+        got = got.astype(np.float32)
+        err = float(np.abs(got - want).max()) if np.isfinite(got).all() else float("inf")
+        scale = float(np.abs(want).max()) or 1.0
+        result.checks.append(OutputCheck(case.dims, out.name, err, scale, result.rel_tol * scale))
 
 
 def check_io(session: ort.InferenceSession, spec: PartSpec) -> None:

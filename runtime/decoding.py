@@ -21,9 +21,9 @@ import torch
 from llada_v import SpecialTokens
 
 from .config import GenerationConfig
-from .kv_cache import KVCache
+from .kv_cache import KVCache, layer_aligned
 from .remasking import Remasker, transfer_schedule
-from .runner import Runner
+from .runner import Runner, on_device
 
 STAGES = ("preprocess", "vision", "projector", "full_forward", "cached_forward", "remasking")
 ENGINE_STAGES = ("vision", "projector", "full_forward", "cached_forward")
@@ -160,7 +160,7 @@ class Decoder:
             return False
         # The thread setting is process-wide: set around each step, never across a yield, so an abandoned
         # iterator (a stream the caller stops reading) leaves it as it was.
-        with torch_threads(self.runner.loop_threads):
+        with torch_threads(self.runner.loop_threads), on_device(self.runner.device):
             self._step(active)
         return True
 
@@ -205,8 +205,8 @@ class Decoder:
             # Every row ends with the same answer span, so the kept rows' slots move together: copy the
             # last `span` slots (the new layout's padding in front stays zeros, and masked).
             keys, values = self.cache.keys, self.cache.values
-            self.cache.keys, self.cache.values = (torch.zeros(self._cache_shape(self.batch), dtype=keys.dtype,
-                                                              device=keys.device) for _ in range(2))
+            self.cache.keys, self.cache.values = (layer_aligned(self._cache_shape(self.batch), keys.dtype, keys.device)
+                                                  for _ in range(2))
             span = min(old.length, self.batch.length)
             index = torch.tensor(keep, dtype=torch.int64, device=keys.device)
             for new, previous in ((self.cache.keys, keys), (self.cache.values, values)):
@@ -358,25 +358,40 @@ def torch_threads(count: int | None):
 
 
 class StageTimer:
-    """Wall time per stage; on CUDA it synchronises around each stage so the times are the GPU's."""
+    """Time per stage. On CUDA the device's stages are timed with CUDA events recorded on torch's stream, read
+    once when the stats are made: timing never synchronises the device between steps. Preprocessing runs on the
+    host and is timed by the host clock."""
+
+    HOST_STAGES = ("preprocess",)
 
     def __init__(self, device: torch.device):
-        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.device = device
         self.totals = dict.fromkeys(STAGES, 0.0)
+        self.events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
         self.start = time.perf_counter()
 
     def elapsed(self) -> float:
-        self.sync()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         return time.perf_counter() - self.start
 
     @contextmanager
     def __call__(self, stage: str):
-        self.sync()
-        start = time.perf_counter()
+        if self.device.type != "cuda" or stage in self.HOST_STAGES:
+            start = time.perf_counter()
+            yield
+            self.totals[stage] += time.perf_counter() - start
+            return
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record(torch.cuda.current_stream(self.device))
         yield
-        self.sync()
-        self.totals[stage] += time.perf_counter() - start
+        end.record(torch.cuda.current_stream(self.device))
+        self.events.append((stage, begin, end))
 
     def stats(self, total: float) -> dict:
+        for stage, begin, end in self.events:
+            end.synchronize()
+            self.totals[stage] += begin.elapsed_time(end) / 1e3
+        self.events.clear()
         stages = {**self.totals, "other": max(total - sum(self.totals.values()), 0.0)}
         return {"stage_seconds": stages, "engine_seconds": sum(self.totals[s] for s in ENGINE_STAGES)}

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
+from exporter.engines_format import FORMAT_VERSION, EngineLimits
 from llada_v import CheckpointError, LladaVConfig
 from llada_v.weights import inside_folder
 
-FORMAT_VERSION = 3
 # Precision -> dtype of the graphs' activations; int8/int4 engines quantize only their weights.
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.float32, "int4": torch.float32}
 BUILD_HINT = "rebuild it with `python -m exporter build --out DIR`"
@@ -26,8 +26,16 @@ class EnginesFolder:
     dtype: torch.dtype
 
     @property
-    def max_sequence_length(self) -> int:
-        return int(self.manifest["max_sequence_length"])
+    def limits(self) -> EngineLimits:
+        """What one call of these engines may take (the build's --max-batch, --max-sequence, ...)."""
+        return EngineLimits(**self.manifest["limits"])
+
+    @property
+    def max_tiles(self) -> int | None:
+        """Tiles per vision call (None for a text-only model)."""
+        if "vision" not in self.manifest["parts"]:
+            return None
+        return int(self.manifest["parts"]["vision"]["profiles"]["all"]["num_tiles"]["max"])
 
     def part_file(self, part: str, kind: str) -> Path | None:
         """The part's model ("onnx") or TensorRT engine ("plan"); None when the manifest names none."""
@@ -98,14 +106,15 @@ def _check_manifest(manifest: dict, path: Path) -> None:
     def bad(what: str) -> ValueError:
         return ValueError(f"{path} is malformed: {what}: {BUILD_HINT}")
 
-    for key in ("precision", "parts", "max_sequence_length"):
+    for key in ("precision", "parts", "limits"):
         if key not in manifest:
             raise bad(f"it lacks {key!r}")
     if manifest["precision"] not in DTYPES:
         raise bad(f"unknown precision {manifest['precision']!r} (expected one of {', '.join(DTYPES)})")
-    length = manifest["max_sequence_length"]
-    if not isinstance(length, int) or isinstance(length, bool) or length < 1:
-        raise bad(f"max_sequence_length must be a positive integer, got {length!r}")
+    try:
+        EngineLimits(**manifest["limits"])
+    except (TypeError, ValueError) as err:
+        raise bad(f"limits {manifest['limits']!r} ({err})") from err
     manifest.setdefault("embeddings", "embeddings.safetensors")
     if not isinstance(manifest["embeddings"], str):
         raise bad(f"embeddings must be a file name, got {manifest['embeddings']!r}")
@@ -121,6 +130,11 @@ def _check_manifest(manifest: dict, path: Path) -> None:
         for kind in ("onnx", "plan"):
             if kind in entry and entry[kind] not in files:
                 raise bad(f"part {name!r}: its {kind} file {entry[kind]!r} is not among its files")
+        profiles = entry.get("profiles")
+        if not isinstance(profiles, dict) or not profiles or not all(
+                isinstance(dims, dict) and all(isinstance(r, dict) and isinstance(r.get("max"), int) for r in dims.values())
+                for dims in profiles.values()):
+            raise bad(f"part {name!r}: profiles must map each profile to its dimensions' ranges, got {profiles!r}")
 
 
 def _graph_io(config: LladaVConfig, part: str) -> tuple[list[str], list[str]]:

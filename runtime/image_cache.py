@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 
-import cachetools
 import torch
 from PIL import Image
 
@@ -21,6 +20,8 @@ class ImageEmbeddingCache:
         if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 0:
             raise ValueError(f"the image cache's budget must be a number of bytes >= 0, got {max_bytes!r}")
         self.max_bytes = max_bytes
+        import cachetools  # here, not at import: the library (and benchmarks.gpu_check) must load without it
+
         self._entries = cachetools.LRUCache(maxsize=max_bytes, getsizeof=lambda t: t.numel() * t.element_size())
         self.hits = 0
         self.misses = 0

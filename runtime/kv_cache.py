@@ -2,12 +2,29 @@
 
 Allocated once per generate call as [n_layers, B, H, L, D]. A cached step passes the whole buffer and a
 `past_mask` that hides the slots the queries stand for, so no step copies or grows the cache; the engine
-runners bind each layer's slice `buffer[i]` (contiguous) to the graphs' per-layer cache tensors.
+runners bind each layer's slice `buffer[i]` (contiguous) to the graphs' per-layer cache tensors. Each layer
+starts on a 256-byte boundary (layer_aligned), the alignment TensorRT requires of every address it is given.
 """
 
 from __future__ import annotations
 
 import torch
+
+from exporter.trt_plan import ALIGNMENT, aligned_empty
+
+def layer_aligned(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeros of `shape` [n_layers, ...] whose every layer is contiguous and starts on a 256-byte boundary (the
+    storage is aligned, and each layer's stride rounded up to it)."""
+    layer = 1
+    for extent in shape[1:]:
+        layer *= extent
+    per_alignment = max(ALIGNMENT // torch.empty(0, dtype=dtype).element_size(), 1)
+    stride = -(-layer // per_alignment) * per_alignment
+    storage = aligned_empty((shape[0] * stride,), dtype, device, zero=True)
+    inner = [1]
+    for extent in reversed(shape[2:]):
+        inner.insert(0, inner[0] * extent)
+    return storage.as_strided(shape, (stride, *inner))
 
 
 class KVCache:
@@ -17,8 +34,8 @@ class KVCache:
             raise ValueError(f"cache mode must be 'prefix' or 'dual', got {mode!r}")
         self.mode = mode
         self.refresh_interval = refresh_interval
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.keys = layer_aligned(shape, dtype, device)
+        self.values = layer_aligned(shape, dtype, device)
 
     @property
     def length(self) -> int:

@@ -2,6 +2,10 @@
 
 Inputs and outputs are torch tensors bound by pointer (IO binding), so on CUDA they stay on the GPU
 between parts and steps; outputs are preallocated torch tensors of the shapes docs/engines.md gives.
+On CUDA, ONNX Runtime runs on a stream of its own whose handle it is given (torch's default stream has
+handle 0, which ONNX Runtime takes for "no user stream", and would then run on its own stream unordered
+with torch's: the inputs torch has just written could still be in flight). Each run waits for torch's
+stream first, and torch's stream waits for it after.
 The graphs' per-layer cache tensors are bound to the layers of the runtime's stacked buffers: a cached
 step reads the cache in place, and a full forward over every row writes it in place. One session runs
 both denoiser passes (the full pass binds an empty cache), so the weights are held once.
@@ -29,6 +33,23 @@ GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
 
 
+def check_one_flavour() -> None:
+    """onnxruntime and onnxruntime-gpu install into the same `onnxruntime` folder, so with both installed the files
+    of whichever came last are mixed with the other's (microsoft/onnxruntime#26996): refuse, saying how to fix it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    installed = []
+    for name in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            installed.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            pass
+    if len(installed) == 2:
+        raise ValueError(f"both {installed[0]} and {installed[1]} are installed; they share one package folder and "
+                         f"break each other: keep one, e.g. `pip uninstall -y onnxruntime onnxruntime-gpu && pip install "
+                         f"'onnxruntime-gpu>=1.22'` on a GPU machine (or 'onnxruntime>=1.22' on a CPU)")
+
+
 class OnnxRuntimeRunner(Runner):
     """providers: ONNX Runtime execution provider names, by default CPUExecutionProvider on device "cpu"
     and CUDAExecutionProvider on "cuda". Every GPU provider asked for must load, or activation fails."""
@@ -48,10 +69,12 @@ class OnnxRuntimeRunner(Runner):
             raise ValueError(f"device {self.device} needs a GPU provider ({', '.join(GPU_PROVIDERS)}), got {providers}")
         self.providers = list(providers)
         self.sessions = {}
+        self.stream: torch.cuda.Stream | None = None  # ONNX Runtime's own, on CUDA
         if self.engines.dtype == torch.float16 and self.providers == ["CPUExecutionProvider"]:
             warnings.warn(CPU_FP16_WARNING, stacklevel=3)
 
     def _activate_impl(self) -> None:
+        check_one_flavour()
         try:
             import onnxruntime as ort
         except ImportError as err:
@@ -85,15 +108,17 @@ class OnnxRuntimeRunner(Runner):
                                  f"check the CUDA/cuDNN/TensorRT libraries onnxruntime-gpu needs, or use device='cpu'")
             self.sessions[part] = session
         self.config, self.folder, self.dtype = eng.config, eng.folder, eng.dtype
-        self.max_sequence_length = eng.max_sequence_length
+        self.limits, self.max_tiles = eng.limits, eng.max_tiles
+        self.max_sequence_length = self.limits.max_sequence
         self.embed_table, self.image_newline = eng.load_embeddings(self.device)
 
     def _provider_options(self, provider: str) -> dict:
         if provider not in GPU_PROVIDERS:
             return {}
-        # Run on torch's current stream, so ONNX Runtime sees torch's writes to the bound inputs in order.
-        stream = torch.cuda.current_stream(self.device).cuda_stream
-        return {"device_id": str(self.device.index), "has_user_compute_stream": "1", "user_compute_stream": str(stream)}
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(self.device)
+        return {"device_id": str(self.device.index), "has_user_compute_stream": "1",
+                "user_compute_stream": str(self.stream.cuda_stream)}
 
     def _deactivate_impl(self) -> None:
         self.sessions = {}
@@ -105,7 +130,13 @@ class OnnxRuntimeRunner(Runner):
         for names, bind in ((inputs, binding.bind_input), (outputs, binding.bind_output)):
             for name, t in names.items():
                 bind(name, kind, index, _NUMPY[t.dtype], tuple(t.shape), t.data_ptr())
+        if self.stream is None:
+            self.sessions[part].run_with_iobinding(binding)
+            return
+        torch_stream = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(torch_stream)
         self.sessions[part].run_with_iobinding(binding)
+        torch_stream.wait_stream(self.stream)
 
     def _empty(self, shape, dtype=None) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype or self.dtype, device=self.device)

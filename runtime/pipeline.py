@@ -59,14 +59,14 @@ class Pipeline:
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "onnxruntime", *, device: str | None = None,
-             dtype: torch.dtype = torch.float32, providers: list[str] | None = None,
+             dtype: torch.dtype | None = None, providers: list[str] | None = None,
              fused_cache: bool = True, image_cache_mb: float = 0) -> "Pipeline":
         """An engines folder with backend "onnxruntime" or "tensorrt", or a checkpoint folder with "torch".
 
         device: "cpu" or "cuda" (default: "cuda" for tensorrt, else "cpu"); dtype (torch only): the
-        weights' dtype; providers (onnxruntime only): execution providers; fused_cache (torch only): see
-        TorchRunner; image_cache_mb: keep up to this many MB of image embeddings for images seen again
-        (0 = none).
+        weights' dtype (default: float32 on a CPU, bfloat16 on CUDA); providers (onnxruntime only):
+        execution providers; fused_cache (torch only): see TorchRunner; image_cache_mb: keep up to this many
+        MB of image embeddings for images seen again (0 = none).
         """
         if not isinstance(image_cache_mb, (int, float)) or isinstance(image_cache_mb, bool) \
                 or not 0 <= image_cache_mb < float("inf"):
@@ -157,7 +157,7 @@ class Pipeline:
         runner = self.runner
         timer = StageTimer(runner.device)
         prompts = self.embed_prompts(requests, timer)
-        self.check_length(prompts, cfg)
+        self.check_fits(prompts, cfg)
         batch = Batch.left_padded(prompts, cfg.gen_length, self.special.mask, runner)
         return Decoder(runner, batch, cfg, self.special, self.banned_ids, timer)
 
@@ -179,7 +179,19 @@ class Pipeline:
             res.stats = copy.deepcopy(stats)
         return results
 
-    def check_length(self, prompts: list[torch.Tensor], cfg: GenerationConfig) -> None:
+    def check_fits(self, prompts: list[torch.Tensor], cfg: GenerationConfig) -> None:
+        """PromptTooLongError when a prompt and its answer do not fit the model or the engines; ValueError when the
+        engines cannot decode blocks this long (or, with the prefix cache, answers this long) in one call."""
+        limits = self.runner.limits
+        if limits is not None and cfg.block_length > limits.max_block:
+            raise ValueError(f"block_length {cfg.block_length} is more than these engines decode in one call "
+                             f"({limits.max_block}): lower block_length, or rebuild the engines with "
+                             f"`python -m exporter build --max-block {cfg.block_length}`")
+        if limits is not None and cfg.cache == "prefix" and cfg.gen_length > limits.max_gen_length:
+            raise ValueError(f"with cache='prefix' a cached pass runs the block and the answer after it, up to "
+                             f"gen_length {cfg.gen_length} positions, more than these engines take in one call "
+                             f"({limits.max_gen_length}): use cache='dual', lower gen_length, or rebuild the "
+                             f"engines with `python -m exporter build --max-gen-length {cfg.gen_length}`")
         limit = self.runner.max_sequence_length
         prompt_limit = self.runner.config.tokenizer_model_max_length
         for prompt in prompts:

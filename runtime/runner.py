@@ -1,18 +1,21 @@
 """The runner contract: one object per backend that runs the model's parts on torch tensors.
 
-Like Polygraphy's BaseRunner, the public methods here do the shared work (activation and input
-checks) and call the backend's `_*_impl` methods. Shapes and names follow docs/engines.md; all
-tensors live on `runner.device`, so a GPU backend never round-trips through the host.
+Like Polygraphy's BaseRunner, the public methods here do the shared work (activation, input checks, and
+splitting a call larger than the engines take into calls that fit) and call the backend's `_*_impl`
+methods. Shapes and names follow docs/engines.md; all tensors live on `runner.device`, so a GPU backend
+never round-trips through the host.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from exporter.engines_format import EngineLimits
 from llada_v import LladaVConfig
 
 
@@ -22,7 +25,9 @@ class Runner(ABC):
     config: the checkpoint's LladaVConfig; folder: where its tokenizer files are; dtype: the engines'
     float dtype (embeddings, features, K/V); device; max_sequence_length; embed_table [V, C] and
     image_newline [C] (None for a text-only model); loop_threads: torch threads for the loop's own
-    small ops between engine calls, or None to leave torch's setting alone.
+    small ops between engine calls, or None to leave torch's setting alone; limits: what one call of the
+    engines may take (None: any size), and max_tiles: tiles per vision call (None: any number). Calls with
+    more rows or tiles are split into calls that fit, whatever the backend.
     """
 
     name = "runner"
@@ -37,6 +42,8 @@ class Runner(ABC):
         self.embed_table: torch.Tensor | None = None
         self.image_newline: torch.Tensor | None = None
         self.loop_threads: int | None = None
+        self.limits: EngineLimits | None = None
+        self.max_tiles: int | None = None
 
     @property
     def full_pass_per_row(self) -> bool:
@@ -80,24 +87,35 @@ class Runner(ABC):
             raise ValueError(f"{self.name} | this model is text-only: it has no vision tower")
         size = self.config.vision.image_size
         self._check("pixel_values", pixel_values, torch.float32, (None, self.config.vision.num_channels, size, size))
-        return self._vision_impl(pixel_values)
+        with on_device(self.device):
+            return joined([self._vision_impl(chunk) for chunk in self._tile_chunks(pixel_values)])
 
     def projector(self, features: torch.Tensor) -> torch.Tensor:
         """features [N, T, Cv] -> embeddings [N, T, C]."""
         self._check_active("projector")
         v = self.config.vision
         self._check("features", features, self.dtype, (None, v.tokens_per_tile, v.hidden_size))
-        return self._projector_impl(features)
+        with on_device(self.device):
+            return joined([self._projector_impl(chunk) for chunk in self._tile_chunks(features)])
+
+    def _tile_chunks(self, tiles: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (tiles,) if self.max_tiles is None else tiles.split(self.max_tiles)
+
+    def _row_chunks(self, rows: int) -> list[slice]:
+        """The rows of one call in pieces the engines take (max_batch rows each)."""
+        step = rows if self.limits is None else self.limits.max_batch
+        return [slice(start, start + step) for start in range(0, rows, step)]
 
     def denoise_full(self, inputs_embeds, position_ids, attention_mask, logits_index,
                      present_keys=None, present_values=None):
         """The full pass: logits float32 [B, P, V], present_keys, present_values [n_layers, B, H, L, D].
 
-        present_keys/present_values: contiguous buffers of that shape (a KV cache's) to write the
+        present_keys/present_values: buffers of that shape (a KV cache's), each layer contiguous, to write the
         presents into, or None for new ones; either way they are what is returned.
         """
         self._check_active("denoise_full")
         b, length = self._check_denoiser_inputs(inputs_embeds, position_ids, attention_mask, logits_index)
+        self._check_limit("sequence", length, "max_sequence", "prompt + answer positions", "--max-sequence")
         lm = self.config.language
         kv_shape = (lm.num_hidden_layers, b, lm.num_attention_heads, length, lm.head_dim)
         presents = []
@@ -105,18 +123,23 @@ class Runner(ABC):
             if buffer is None:
                 buffer = torch.empty(kv_shape, dtype=self.dtype, device=self.device)
             self._check(name, buffer, self.dtype, kv_shape)
-            if not buffer.is_contiguous():
-                raise ValueError(f"{self.name} | {name}: the buffer must be contiguous (it is written by pointer)")
+            if not all(layer.is_contiguous() for layer in buffer):
+                raise ValueError(f"{self.name} | {name}: each layer of the buffer must be contiguous (it is written "
+                                 f"by pointer)")
             presents.append(buffer)
-        logits = self._denoise_full_impl(inputs_embeds, position_ids, attention_mask, logits_index, *presents)
+        inputs = (inputs_embeds, position_ids, attention_mask, logits_index)
+        logits = joined([self._denoise_full_impl(*(t[rows] for t in inputs), *(p[:, rows] for p in presents))
+                         for rows in self._row_chunks(b)])
         return logits, *presents
 
     def denoise_logits(self, inputs_embeds, position_ids, attention_mask, logits_index) -> torch.Tensor:
         """The full pass's logits alone, for a loop without a cache. A backend that can skip writing the
         presents (a copy of every layer's K/V per step) overrides `_denoise_logits_impl`."""
         self._check_active("denoise_logits")
-        self._check_denoiser_inputs(inputs_embeds, position_ids, attention_mask, logits_index)
-        return self._denoise_logits_impl(inputs_embeds, position_ids, attention_mask, logits_index)
+        b, length = self._check_denoiser_inputs(inputs_embeds, position_ids, attention_mask, logits_index)
+        self._check_limit("sequence", length, "max_sequence", "prompt + answer positions", "--max-sequence")
+        inputs = (inputs_embeds, position_ids, attention_mask, logits_index)
+        return joined([self._denoise_logits_impl(*(t[rows] for t in inputs)) for rows in self._row_chunks(b)])
 
     def _denoise_logits_impl(self, inputs_embeds, position_ids, attention_mask, logits_index) -> torch.Tensor:
         return self.denoise_full(inputs_embeds, position_ids, attention_mask, logits_index)[0]
@@ -139,8 +162,13 @@ class Runner(ABC):
         if not 0 <= query_start <= past_keys.shape[3] - q:
             raise ValueError(f"{self.name} | query_start {query_start} puts {q} queries outside the "
                              f"cache of length {past_keys.shape[3]}")
-        return self._denoise_cached_impl(inputs_embeds, position_ids, attention_mask, logits_index,
-                                         past_keys, past_values, past_mask, query_start)
+        self._check_limit("queries", q, "max_gen_length", "queries of a cached pass (the prefix cache runs the block "
+                          "and the answer after it)", "--max-gen-length")
+        self._check_limit("past_sequence", past_keys.shape[3], "max_sequence", "cache slots", "--max-sequence")
+        inputs = (inputs_embeds, position_ids, attention_mask, logits_index)
+        return joined([self._denoise_cached_impl(*(t[rows] for t in inputs), past_keys[:, rows], past_values[:, rows],
+                                                 past_mask[rows], query_start)
+                       for rows in self._row_chunks(b)])
 
     # ---- checks -----------------------------------------------------------------------------------
 
@@ -166,7 +194,15 @@ class Runner(ABC):
         self._check("position_ids", position_ids, torch.int64, (b, q))
         self._check("attention_mask", attention_mask, torch.int64, (b, q))
         self._check("logits_index", logits_index, torch.int64, (b, None))
+        self._check_limit("logits rows", logits_index.shape[1], "max_block", "logits rows (the block being decoded)",
+                          "--max-block")
         return b, q
+
+    def _check_limit(self, what: str, size: int, limit: str, meaning: str, flag: str) -> None:
+        allowed = None if self.limits is None else getattr(self.limits, limit)
+        if allowed is not None and size > allowed:
+            raise ValueError(f"{self.name} | {size} {what} in one call, more than these engines take ({allowed} "
+                             f"{meaning}): rebuild them with a larger {flag}")
 
     # ---- backend API ------------------------------------------------------------------------------
 
@@ -196,9 +232,15 @@ class Runner(ABC):
         ...
 
 
+def joined(pieces: list[torch.Tensor]) -> torch.Tensor:
+    """The outputs of a call split into pieces, as one tensor (the one piece itself when there is one)."""
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
 def per_layer(name: str, stacked: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The graphs' per-layer cache tensors (`past_keys.0`, ...) as views of a stacked [n_layers, ...] tensor."""
-    return {f"{name}.{i}": layer for i, layer in enumerate(stacked.contiguous())}
+    """The graphs' per-layer cache tensors (`past_keys.0`, ...) as views of a stacked [n_layers, ...] tensor (a
+    layer that is not contiguous is copied: never the case for the presents, which Runner.denoise_full checks)."""
+    return {f"{name}.{i}": layer.contiguous() for i, layer in enumerate(stacked)}
 
 
 def empty_cache(like: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -212,6 +254,12 @@ def empty_cache(like: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def dtype_shape(tensor: torch.Tensor) -> str:
     return f"{str(tensor.dtype).replace('torch.', '')} {list(tensor.shape)}"
+
+
+def on_device(device: torch.device):
+    """A block in which `device` is CUDA's current device (Triton launches and TensorRT run there), or nothing
+    for the CPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
 
 
 def resolve_device(device: str | torch.device, backend: str) -> torch.device:

@@ -96,6 +96,12 @@ class Scheduler:
         for name, value in (("max_batch", max_batch), ("max_queue", max_queue)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        limits = pipeline.runner.limits
+        if limits is not None and max_batch > limits.max_batch:
+            log.warning("max_batch %d is more rows than these engines take in one call (%d, the build's --max-batch): "
+                        "decoding %d rows at a time; rebuild the engines with --max-batch %d to batch more",
+                        max_batch, limits.max_batch, limits.max_batch, max_batch)
+            max_batch = limits.max_batch
         self.pipeline, self.max_batch, self.max_queue, self.metrics = pipeline, max_batch, max_queue, metrics
         self.groups: dict[GenerationConfig, Decoder] = {}  # per setting, its rows (Decoder.tags: their jobs)
         self._waiting: deque[Job] = deque()
@@ -245,7 +251,7 @@ class Scheduler:
         for job, prompt in zip(admitted, prompts):
             if not isinstance(prompt, ValueError):
                 try:
-                    pipeline.check_length([prompt], job.config)
+                    pipeline.check_fits([prompt], job.config)
                 except ValueError as err:
                     prompt = err
             checked.append(prompt)

@@ -22,15 +22,21 @@ class TorchRunner(Runner):
     module's forward (the explicit attention the ONNX graphs are traced from, with the fresh and the
     cached keys apart). Measured on the benchmark model's dual-cache step (32 queries, 930 slots, 2 CPU
     threads): 15.6 ms against 17.9 ms (README, Benchmarks). False runs the module's forward, the plain version.
+
+    dtype: the weights' and activations' dtype; default float32 on a CPU and bfloat16 on CUDA, the released
+    checkpoint's own (float32 would send LLaDA-8B's cached pass through an fp32 attention kernel at head dim
+    128 and hold 32 GB of weights). The Triton kernel takes the fp16 cached pass; fp32 and bf16 run SDPA.
     """
 
     name = "torch"
 
-    def __init__(self, checkpoint: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+    def __init__(self, checkpoint: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                  fused_cache: bool = True):
         super().__init__()
         self.checkpoint = Path(checkpoint)
         self.device = resolve_device(device, "torch")
+        if dtype is None:
+            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"torch backend dtype must be float32, float16 or bfloat16, got {dtype}")
         self.dtype = dtype
@@ -42,9 +48,22 @@ class TorchRunner(Runner):
             raise ValueError(f"{self.checkpoint} is an engines folder: the torch backend loads a checkpoint folder "
                              f"(config.json + safetensors), use backend='onnxruntime' or 'tensorrt' for engines")
         try:
-            self.model = llada_v.load_model(self.checkpoint, dtype=self.dtype, device=self.device)
+            self._adopt(llada_v.load_model(self.checkpoint, dtype=self.dtype, device=self.device))
         except llada_v.CheckpointError as err:
             raise ValueError(f"torch backend: {err}") from err
+
+    @classmethod
+    def from_model(cls, model: llada_v.LladaV, fused_cache: bool = True) -> "TorchRunner":
+        """An active runner over a model already in memory, on its device and in its dtype (no tokenizer: the
+        parts alone, e.g. to time them)."""
+        weight = next(model.parameters())
+        runner = cls(Path("."), weight.device, weight.dtype, fused_cache)
+        runner._adopt(model)
+        runner.is_active = True
+        return runner
+
+    def _adopt(self, model: llada_v.LladaV) -> None:
+        self.model = model
         self.config = self.model.config
         self.folder = self.checkpoint
         self.max_sequence_length = self.config.language.max_position_embeddings
@@ -52,7 +71,7 @@ class TorchRunner(Runner):
         self.image_newline = self.model.image_newline.detach() if self.config.has_vision else None
         from triton_kernels.reference import SUPPORTED_HEAD_DIMS
 
-        self.triton_attention = (self.device.type == "cuda" and self.dtype != torch.bfloat16
+        self.triton_attention = (self.device.type == "cuda" and self.dtype == torch.float16
                                  and self.config.language.head_dim in SUPPORTED_HEAD_DIMS)
 
     def _deactivate_impl(self) -> None:
@@ -70,8 +89,9 @@ class TorchRunner(Runner):
     def _denoise_full_impl(self, inputs_embeds, position_ids, attention_mask, logits_index,
                            present_keys, present_values):
         logits, keys, values = self.model.denoiser(inputs_embeds, position_ids, attention_mask, logits_index)
-        torch.stack(keys, out=present_keys)
-        torch.stack(values, out=present_values)
+        for layer, (k, v) in enumerate(zip(keys, values)):
+            present_keys[layer].copy_(k)
+            present_values[layer].copy_(v)
         return logits
 
     @torch.inference_mode()

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
 from transformers import PreTrainedTokenizerFast
-from transformers.image_transforms import convert_to_rgb, normalize, rescale, resize, to_channel_dimension_format
+from transformers.image_transforms import normalize, rescale, resize, to_channel_dimension_format
 from transformers.image_utils import ChannelDimension, PILImageResampling, to_numpy_array
 
 from llada_v import LladaV, LladaVConfig
@@ -90,6 +90,13 @@ def tokenizer_image_token(prompt, tokenizer, image_token_index=IMAGE_TOKEN_INDEX
 
 
 # ---- images (mm_utils.py, multimodal_encoder/siglip_encoder.py) ---------------------------------------------
+
+def convert_to_rgb(image):
+    """transformers.image_transforms.convert_to_rgb as the official environment's transformers (4.43, the released
+    config's transformers_version) has it: PIL's own conversion, which drops alpha. transformers 5 composites
+    transparency onto white instead."""
+    return image.convert("RGB") if isinstance(image, Image.Image) and image.mode != "RGB" else image
+
 
 class SigLipImageProcessor:  # siglip_encoder.py:34-66, at the checkpoint's tile size
     def __init__(self, size: int):

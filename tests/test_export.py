@@ -1,11 +1,8 @@
 """The exported engines: ONNX Runtime vs PyTorch on fresh shapes, the denoiser's full vs cached pass, the manifest."""
 
-import importlib.util
 import json
 import shutil
-import sys
 import warnings
-from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -15,8 +12,8 @@ from onnx import TensorProto, shape_inference
 from safetensors.numpy import load_file
 
 import llada_v
-from exporter import build_engines, load_manifest, trt_build
-from exporter.onnx_export import EXPORT_DIMS, dim_ranges, finish_part, part_specs, trace_part
+from exporter import build_engines, load_manifest
+from exporter.onnx_export import EXPORT_DIMS, finish_part, part_specs, trace_part
 from exporter.validate import REL_TOL, open_session, sample_inputs
 from exporter.wrappers import wrap
 
@@ -137,8 +134,9 @@ def test_manifest_describes_the_folder(engines, reference, precision):
     folder = engines[precision]
     manifest = load_manifest(folder)
     cfg = reference.config
-    assert manifest["format_version"] == 3 and manifest["precision"] == precision
-    assert manifest["max_sequence_length"] == cfg.language.max_position_embeddings
+    assert manifest["format_version"] == 4 and manifest["precision"] == precision
+    assert manifest["limits"] == {"max_batch": 8, "max_sequence": cfg.language.max_position_embeddings,
+                                  "max_block": 256, "max_gen_length": 1024}
     assert manifest["source"]["checkpoint"] == str(llada_v.SHIPPED_MODEL_DIR)
     assert len(manifest["source"]["sha256"]) == 64
     assert list(manifest["parts"]) == PARTS
@@ -147,7 +145,8 @@ def test_manifest_describes_the_folder(engines, reference, precision):
         session = open_session(folder / part["onnx"])
         for entries, actual in ((part["inputs"], session.get_inputs()), (part["outputs"], session.get_outputs())):
             assert [(e["name"], e["shape"]) for e in entries] == [(a.name, a.shape) for a in actual]
-        assert set(part["dims"]) == {d for e in part["inputs"] for d in e["shape"] if isinstance(d, str)}
+        for dims in part["profiles"].values():
+            assert set(dims) == {d for e in part["inputs"] for d in e["shape"] if isinstance(d, str)}
         check = manifest["validation"][name]
         assert check["passed"] is True and check["max_abs_err"] <= check["atol"]
         assert len(check["shapes_checked"]) >= 2
@@ -166,7 +165,11 @@ def test_manifest_describes_the_folder(engines, reference, precision):
         {"name": "past_mask", "dtype": "int64", "shape": ["batch", "past_sequence"]}]
     assert manifest["parts"]["denoiser"]["outputs"][1:] == [*per_layer("present_keys", "sequence"),
                                                           *per_layer("present_values", "sequence")]
-    assert manifest["parts"]["denoiser"]["dims"]["past_sequence"]["min"] == 0  # the full pass
+    profiles = manifest["parts"]["denoiser"]["profiles"]
+    assert list(profiles) == ["full", "cached"]
+    assert profiles["full"]["past_sequence"] == {"min": 0, "opt": 0, "max": 0}
+    assert profiles["cached"]["past_sequence"]["min"] == 1
+    assert profiles["full"]["positions"]["max"] == profiles["cached"]["positions"]["max"] == 256  # the block
 
     embeddings = load_file(folder / manifest["embeddings"])
     assert embeddings["embed_tokens"].shape == (cfg.language.vocab_size, cfg.language.hidden_size)
@@ -228,67 +231,6 @@ def test_text_only_checkpoint_gives_only_the_denoiser_parts(reference, tmp_path)
     assert all(check["passed"] for check in manifest["validation"].values())
     assert list(load_file(out / "embeddings.safetensors")) == ["embed_tokens"]
     assert not list(out.glob("vision*")) and not list(out.glob("projector*"))
-
-
-@pytest.mark.skipif(not (torch.cuda.is_available() and importlib.util.find_spec("tensorrt")),
-                    reason="building TensorRT engines needs a CUDA GPU and the tensorrt package")
-def test_tensorrt_build_writes_a_plan_per_part(tmp_path):
-    out = build_engines(None, tmp_path / "engines", "fp16", backend="tensorrt", progress=False)
-    parts = load_manifest(out)["parts"]
-    for name, part in parts.items():
-        assert part["plan"] == f"{name}.plan" and (out / part["plan"]).stat().st_size > 0
-
-
-class _FakeTensorRT:
-    """Just enough of the tensorrt module to run trt_build without a GPU; records the profile."""
-
-    class Logger:
-        WARNING = 2
-
-        def __init__(self, level): pass
-
-    NetworkDefinitionCreationFlag = SimpleNamespace(STRONGLY_TYPED=0)
-
-    def __init__(self):
-        self.shapes, self.network_flags = {}, None
-
-    def Builder(self, logger):  # noqa: N802 (tensorrt's name)
-        fake = self
-
-        class Config:
-            def add_optimization_profile(self, profile): pass
-            def create_timing_cache(self, data): return SimpleNamespace(serialize=lambda: data + b"timed")
-            def set_timing_cache(self, cache, ignore_mismatch): self.cache = cache
-            def get_timing_cache(self): return self.cache
-
-        class Builder:
-            def create_network(self, flags): fake.network_flags = flags
-            def create_builder_config(self): return Config()
-            def create_optimization_profile(self):
-                return SimpleNamespace(set_shape=lambda name, *shapes: fake.shapes.__setitem__(name, shapes))
-            def build_serialized_network(self, network, config): return b"plan"
-        return Builder()
-
-    def OnnxParser(self, network, logger):  # noqa: N802
-        return SimpleNamespace(parse_from_file=lambda path: True, num_errors=0)
-
-
-def test_tensorrt_profile_comes_from_the_spec_table(engines, reference, tmp_path, monkeypatch):
-    fake = _FakeTensorRT()
-    monkeypatch.setitem(sys.modules, "tensorrt", fake)
-    spec = part_specs(reference.config, "fp16")["denoiser"]
-    ranges = dim_ranges(reference.config)
-    cache = tmp_path / trt_build.TIMING_CACHE_FILE
-    trt_build.build_engine(engines["fp16"] / "denoiser.onnx", spec, ranges, tmp_path / "d.plan", cache)
-    assert (tmp_path / "d.plan").read_bytes() == b"plan" and cache.read_bytes() == b"timed"
-    assert fake.network_flags == 1  # strongly typed
-    lm, max_len = reference.config.language, reference.config.language.max_position_embeddings
-    assert set(fake.shapes) == set(spec.input_names)
-    for i in range(lm.num_hidden_layers):
-        assert fake.shapes[f"past_keys.{i}"] == fake.shapes[f"past_values.{i}"] == tuple(
-            (r["batch"], lm.num_attention_heads, r["past_sequence"], lm.head_dim)
-            for r in ({d: getattr(ranges[d], level) for d in ranges} for level in ("min", "opt", "max")))
-    assert fake.shapes["logits_index"][2] == (ranges["batch"].max, max_len)
 
 
 @pytest.mark.parametrize("external", [True, False])

@@ -307,6 +307,18 @@ def test_attention_head_dims(D):
     _assert_attention_matches(q, k, v, scale=0.3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_attention_at_llada_8b_head_dim(dtype):
+    """LLaDA-8B's head dim 128 and a 32-query block against a padded cache: the torch backend sends its fp16
+    cached pass here on CUDA (bf16 and fp32 go to SDPA); fp32 is the dispatcher's other dtype."""
+    Lk = 261
+    q, k, v = _attn_inputs(1, 2, 32, Lk, 128, dtype, seed=128)
+    key_mask = torch.ones(1, Lk, dtype=torch.bool, device=DEVICE)
+    key_mask[0, :45] = False  # left padding
+    key_mask[0, 200:232] = False  # the block's stale slots
+    _assert_attention_matches(q, k, v, key_mask=key_mask)
+
+
 @pytest.mark.parametrize("masking", ["none", "kv_lens", "key_mask"])
 def test_attention_single_masks(masking):
     q, k, v = _attn_inputs(2, 1, 3, 200, 32, torch.float32, seed=8)
@@ -425,3 +437,12 @@ def test_dispatchers_pick_triton_for_cuda_tensors(monkeypatch):
     x0_ref, _, commit_ref = reference.remask_topk(*remask_args)
     assert torch.equal(x0, x0_ref) and torch.equal(commit, commit_ref)
     torch.testing.assert_close(out, reference.cached_attention(*attn_args), **ATTN_TOL[torch.float32])
+
+
+def test_the_kernels_can_be_switched_off_on_cuda(monkeypatch):
+    from types import SimpleNamespace
+
+    cuda_tensor = SimpleNamespace(is_cuda=True)
+    assert triton_kernels._use_triton(cuda_tensor)
+    monkeypatch.setenv("TRITON_KERNELS_DISABLE", "1")
+    assert not triton_kernels._use_triton(cuda_tensor)

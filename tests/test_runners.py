@@ -9,7 +9,7 @@ import torch
 
 import llada_v
 from exporter.build import build_engines
-from runtime import Pipeline
+from runtime import GenerationConfig, Pipeline
 from runtime.ort_runner import OnnxRuntimeRunner
 from runtime.torch_runner import TorchRunner
 
@@ -158,7 +158,7 @@ def test_inputs_are_checked(runner):
     lm = runner.config.language
     strided = torch.empty(lm.num_hidden_layers, 2, lm.num_attention_heads, 12, 2 * lm.head_dim, dtype=runner.dtype,
                           device=runner.device)[..., ::2]
-    with pytest.raises(ValueError, match=r"present_keys: the buffer must be contiguous"):
+    with pytest.raises(ValueError, match=r"present_keys: each layer of the buffer must be contiguous"):
         runner.denoise_full(embeds, positions, mask, index, strided, strided.contiguous())
     with pytest.raises(ValueError, match=r"present_values: received \w+ \[\d+, 2, \d+, 11, \d+\]"):
         runner.denoise_full(embeds, positions, mask, index, None, strided[..., :11, :].contiguous())
@@ -255,7 +255,7 @@ def test_other_format_version(engines_dir, tmp_path):
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["format_version"] = 1  # stacked cache tensors
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match="format_version 1, this runtime reads version 3"):
+    with pytest.raises(ValueError, match="format_version 1, this runtime reads version 4"):
         Pipeline.load(folder, backend="onnxruntime")
 
 
@@ -298,9 +298,10 @@ SHIPPED_VOCAB = len(llada_v.load_tokenizer(llada_v.SHIPPED_MODEL_DIR))
     (lambda f: _edit_manifest(f, lambda m: m["parts"].update(vision="vision.onnx")), "part 'vision' must be an object"),
     (lambda f: _edit_manifest(f, lambda m: m["parts"]["vision"].update(files="vision.onnx")),
      "part 'vision': files must be a list of file names"),
-    (lambda f: _edit_manifest(f, lambda m: m.update(max_sequence_length="long")),
-     "max_sequence_length must be a positive integer"),
-    (lambda f: _edit_manifest(f, lambda m: m.update(max_sequence_length=0)), "max_sequence_length must be a positive"),
+    (lambda f: _edit_manifest(f, lambda m: m.update(limits="long")), "limits 'long'"),
+    (lambda f: _edit_manifest(f, lambda m: m["limits"].update(max_batch=0)), "max_batch must be a positive integer"),
+    (lambda f: _edit_manifest(f, lambda m: m["parts"]["denoiser"].pop("profiles")),
+     "part 'denoiser': profiles must map each profile"),
     (lambda f: _edit_manifest(f, lambda m: m.update(precision="fp16")), "is not a fp16 graph though the manifest says"),
     (lambda f: (f / "projector.onnx").write_bytes(b""), "projector.onnx is not the projector graph"),
     (lambda f: _truncate(f / "denoiser.onnx"), "denoiser.onnx is not a readable ONNX model"),
@@ -369,3 +370,55 @@ def test_gpu_provider_that_does_not_load_is_an_error(engines_dir, monkeypatch):
 def test_torch_backend_wants_a_checkpoint_folder(engines_dir):
     with pytest.raises(ValueError, match="is an engines folder: the torch backend loads a checkpoint folder"):
         Pipeline.load(engines_dir, backend="torch")
+
+
+def test_calls_larger_than_the_engines_take_are_split(engines_dir):
+    """Rows beyond the engines' max_batch and tiles beyond their max_tiles go in further calls, with the results
+    of one call."""
+    import dataclasses
+
+    runner = Pipeline.load(engines_dir).runner
+    lm, vis = runner.config.language, runner.config.vision
+    tiles = torch.rand(5, vis.num_channels, vis.image_size, vis.image_size) * 2 - 1
+    embeds = torch.randn(5, 9, lm.hidden_size)
+    positions = torch.arange(9).expand(5, 9).contiguous()
+    mask, index = torch.ones(5, 9, dtype=torch.int64), torch.arange(3).expand(5, 3).contiguous()
+    whole_vision = runner.vision(tiles)
+    whole_logits, whole_keys, _ = runner.denoise_full(embeds, positions, mask, index)
+    whole_cached = runner.denoise_cached(embeds[:, :2], positions[:, :2], mask[:, :2], index[:, :2], whole_keys,
+                                         whole_keys, mask, 0)
+    runner.limits, runner.max_tiles = dataclasses.replace(runner.limits, max_batch=2), 2
+    sizes = []
+    for method in ("_vision_impl", "_denoise_full_impl", "_denoise_cached_impl"):
+        original = getattr(runner, method)
+        setattr(runner, method, lambda first, *rest, _original=original: sizes.append(len(first)) or
+                _original(first, *rest))
+    torch.testing.assert_close(runner.vision(tiles), whole_vision)
+    logits, keys, _ = runner.denoise_full(embeds, positions, mask, index)
+    torch.testing.assert_close(logits, whole_logits)
+    torch.testing.assert_close(keys, whole_keys)
+    torch.testing.assert_close(runner.denoise_cached(embeds[:, :2], positions[:, :2], mask[:, :2], index[:, :2],
+                                                     whole_keys, whole_keys, mask, 0), whole_cached)
+    assert sizes == [2, 2, 1] * 3  # tiles, full pass rows, cached pass rows
+    with pytest.raises(ValueError, match="more than these engines take .* rebuild them with a larger --max-block"):
+        runner.denoise_logits(embeds, positions, mask, torch.zeros(5, runner.limits.max_block + 1, dtype=torch.int64))
+
+
+def test_settings_beyond_the_engines_limits_are_refused_before_any_work(engines_dir):
+    pipe = Pipeline.load(engines_dir)
+    assert (pipe.runner.limits.max_block, pipe.runner.limits.max_gen_length) == (256, 1024)
+    with pytest.raises(ValueError, match=r"block_length 512 is more than these engines decode in one call \(256\): "
+                                         r"lower block_length, or rebuild .* --max-block 512"):
+        pipe.generate("Hi", config=GenerationConfig(gen_length=512, block_length=512))
+    with pytest.raises(ValueError, match=r"with cache='prefix' .* gen_length 1280 .* \(1024\): use cache='dual'"):
+        pipe.generate("Hi", config=GenerationConfig(gen_length=1280, block_length=256, cache="prefix"))
+
+
+def test_torch_backend_defaults_to_the_checkpoints_bf16_on_cuda(monkeypatch):
+    import runtime.torch_runner
+    from runtime.torch_runner import TorchRunner
+
+    assert TorchRunner(llada_v.SHIPPED_MODEL_DIR, "cpu").dtype == torch.float32
+    monkeypatch.setattr(runtime.torch_runner, "resolve_device", lambda device, backend: torch.device("cuda", 0))
+    assert TorchRunner(llada_v.SHIPPED_MODEL_DIR, "cuda").dtype == torch.bfloat16
+    assert TorchRunner(llada_v.SHIPPED_MODEL_DIR, "cuda", torch.float16).dtype == torch.float16

@@ -273,3 +273,15 @@ def test_an_engine_fault_fails_the_requests_in_flight_and_the_worker_goes_on(lon
     finally:
         scheduler.stop()
     assert metrics.requests.labels("failed")._value.get() == 1
+
+
+def test_max_batch_is_clamped_to_what_the_engines_take(engines_dir, caplog):
+    import dataclasses
+
+    pipe = Pipeline.load(engines_dir)
+    pipe.runner.limits = dataclasses.replace(pipe.runner.limits, max_batch=2)
+    with caplog.at_level("WARNING", logger="runtime.scheduler"):
+        scheduler = Scheduler(pipe, max_batch=8)
+    assert scheduler.max_batch == 2
+    assert "max_batch 8 is more rows than these engines take in one call (2" in caplog.text
+    assert Scheduler(pipe, max_batch=1).max_batch == 1

@@ -2,7 +2,8 @@
 
 The runtime calls `remask` and `attention`: they run the Triton launchers on CUDA tensors and the
 references otherwise. On CPU the Triton path can be forced through the interpreter by setting both
-TRITON_INTERPRET=1 (before this package is imported) and TRITON_KERNELS_FORCE=1 (slow; for tests).
+TRITON_INTERPRET=1 (before this package is imported) and TRITON_KERNELS_FORCE=1 (slow; for tests); on CUDA
+TRITON_KERNELS_DISABLE=1 runs the references instead (to compare, or to rule the kernels out).
 Nothing here touches a device at import time.
 """
 
@@ -17,7 +18,7 @@ __all__ = ["remask_topk", "cached_attention", "reference", "remask", "attention"
 
 def _use_triton(t) -> bool:
     if getattr(t, "is_cuda", False):
-        return True
+        return os.environ.get("TRITON_KERNELS_DISABLE") != "1"
     return os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("TRITON_KERNELS_FORCE") == "1"
 
 
