@@ -1,6 +1,6 @@
 """manifest.json of an engines folder: what each part is, how it was checked, where it came from.
 
-Layout (docs/engines.md): format_version, precision, source {checkpoint, sha256}, max_sequence_length,
+Layout (docs/engines.md): format_version, precision, family, source {checkpoint, sha256}, max_sequence_length,
 embeddings, parts {name: files, onnx, plan?, inputs, outputs, dims}, validation {name: ...}.
 """
 
@@ -40,6 +40,7 @@ class PartEntry:
 @dataclass
 class Manifest:
     precision: str
+    family: str  # LladaVConfig.family: "llada_v" or "llada" (the text-only LLaDA models)
     checkpoint: Path
     max_sequence_length: int
     checkpoint_sha256: str = ""  # filled in last: hashing a real checkpoint's weights takes a while
@@ -47,7 +48,7 @@ class Manifest:
     validation: dict[str, dict] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"format_version": FORMAT_VERSION, "precision": self.precision,
+        return {"format_version": FORMAT_VERSION, "precision": self.precision, "family": self.family,
                 "source": {"checkpoint": str(self.checkpoint), "sha256": self.checkpoint_sha256},
                 "max_sequence_length": self.max_sequence_length, "embeddings": EMBEDDINGS_FILE,
                 "parts": {name: part.to_dict() for name, part in self.parts.items()},
