@@ -84,7 +84,8 @@ def language_fields(raw: dict) -> dict:
     mlp_hidden = _optional(raw, "mlp_hidden_size", int)
     vocab, rows = _positive(raw, "vocab_size", int), _optional(raw, "embedding_size", int)
     if rows is not None and rows < vocab:  # modeling_llada.py:1200-1202 raises
-        raise CheckpointError(f"embedding_size {rows} is smaller than vocab_size {vocab}")
+        absent = "" if "embedding_size" in raw else " (config.json lacks embedding_size: the official default)"
+        raise CheckpointError(f"embedding_size {rows}{absent} is smaller than vocab_size {vocab}")
     return {"vocab_size": rows or vocab, "hidden_size": d_model,
             "intermediate_size": mlp_hidden or _positive(raw, "mlp_ratio", int) * d_model,
             "num_hidden_layers": _positive(raw, "n_layers", int), "num_attention_heads": n_heads,
