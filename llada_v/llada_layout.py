@@ -73,8 +73,8 @@ def language_fields(raw: dict) -> dict:
         value = raw.get(key, default)
         if type(value) is not type(implemented) or value != implemented:
             absent = "" if key in raw else f" (config.json lacks {key}: the official default)"
-            raise CheckpointError(f"{key} {value!r}{absent} is not implemented: only {key} {implemented!r} ({meaning}), "
-                                  f"as in the released LLaDA models")
+            raise CheckpointError(f"{key} {value!r}{absent} is not implemented: only {key} {implemented!r} "
+                                  f"({meaning}), as in the released LLaDA models")
     if _optional(raw, "bias_for_layer_norm", bool):  # None: as include_bias, false here
         raise CheckpointError("bias_for_layer_norm True is not implemented: norms have no bias in the released "
                               "LLaDA models")

@@ -25,11 +25,11 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 # configuration_llada.py's ModelConfig defaults (:154-381) of the keys read here.
-DEFAULTS = {"d_model": 768, "n_heads": 12, "n_kv_heads": None, "n_layers": 12, "rope_theta": 10000.0, "rms_norm_eps": 1e-05,
-            "block_type": "sequential", "activation_type": "swiglu", "layer_norm_type": "default", "rope": False,
-            "alibi": False, "weight_tying": True, "include_bias": False, "include_qkv_bias": False,
-            "attention_layer_norm": False, "input_emb_norm": False, "scale_logits": False, "block_group_size": 1,
-            "rope_full_precision": True}
+DEFAULTS = {"d_model": 768, "n_heads": 12, "n_kv_heads": None, "n_layers": 12, "rope_theta": 10000.0,
+            "rms_norm_eps": 1e-05, "block_type": "sequential", "activation_type": "swiglu",
+            "layer_norm_type": "default", "rope": False, "alibi": False, "weight_tying": True, "include_bias": False,
+            "include_qkv_bias": False, "attention_layer_norm": False, "input_emb_norm": False, "scale_logits": False,
+            "block_group_size": 1, "rope_full_precision": True}
 # The values of the released config: the only path transcribed here.
 RELEASED = {"block_type": "llama", "activation_type": "silu", "layer_norm_type": "rms", "rope": True, "alibi": False,
             "weight_tying": False, "include_bias": False, "include_qkv_bias": False, "attention_layer_norm": False,
@@ -117,7 +117,9 @@ class LLaDAModelLM:
         def apply_rotary_pos_emb(sin, cos, t):
             return ((t * cos) + (rotate_half(t) * sin)).to(t.dtype)
 
-        return apply_rotary_pos_emb(pos_sin, pos_cos, q_).type_as(q), apply_rotary_pos_emb(pos_sin, pos_cos, k_).type_as(k)
+        q_ = apply_rotary_pos_emb(pos_sin, pos_cos, q_)
+        k_ = apply_rotary_pos_emb(pos_sin, pos_cos, k_)
+        return q_.type_as(q), k_.type_as(k)
 
     def rms_norm(self, x, weight):  # RMSLayerNorm.forward, :340-352
         og_dtype = x.dtype
@@ -160,7 +162,8 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
     x[:, :prompt.shape[1]] = prompt.clone()
     if attention_mask is not None:
         attention_mask = torch.cat([attention_mask, torch.ones((prompt.shape[0], gen_length),
-                                                               dtype=attention_mask.dtype, device=model.device)], dim=-1)
+                                                               dtype=attention_mask.dtype, device=model.device)],
+                                   dim=-1)
     assert gen_length % block_length == 0
     num_blocks = gen_length // block_length
     assert steps % num_blocks == 0

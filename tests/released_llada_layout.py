@@ -58,10 +58,10 @@ def tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     shapes = {"model.transformer.wte.weight": (rows, d)}
     for n in range(config["n_layers"]):
         block = f"model.transformer.blocks.{n}."
-        shapes.update({block + "attn_norm.weight": (d,), block + "q_proj.weight": (d, d), block + "k_proj.weight": (d, d),
-                       block + "v_proj.weight": (d, d), block + "attn_out.weight": (d, d),
-                       block + "ff_norm.weight": (d,), block + "ff_proj.weight": (hidden, d),
-                       block + "up_proj.weight": (hidden, d), block + "ff_out.weight": (d, hidden)})
+        shapes.update({block + name: shape for name, shape in (
+            ("attn_norm.weight", (d,)), ("q_proj.weight", (d, d)), ("k_proj.weight", (d, d)), ("v_proj.weight", (d, d)),
+            ("attn_out.weight", (d, d)), ("ff_norm.weight", (d,)), ("ff_proj.weight", (hidden, d)),
+            ("up_proj.weight", (hidden, d)), ("ff_out.weight", (d, hidden)))})
     shapes.update({"model.transformer.ln_f.weight": (d,), "model.transformer.ff_out.weight": (rows, d)})
     return shapes
 

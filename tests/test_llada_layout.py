@@ -108,8 +108,8 @@ def test_a_missing_embedding_size_takes_the_official_default_rows(tmp_path):
     del raw["embedding_size"]
     (folder / "config.json").write_text(json.dumps(raw))
     (folder / "tokenizer.json").unlink()  # 126,349 tokens: more than 50,304 rows
-    with pytest.raises(CheckpointError, match=r"model.transformer.(wte|ff_out).weight in .* has shape \(126464, 64\), the "
-                                              r"config implies \(50304, 64\)"):
+    with pytest.raises(CheckpointError, match=r"model.transformer.(wte|ff_out).weight in .* has shape \(126464, 64\), "
+                                              r"the config implies \(50304, 64\)"):
         llada_v.load_model(folder)
 
 
@@ -141,7 +141,8 @@ def test_token_ids_of_the_config_must_be_the_tokenizers(tmp_path, key, message):
 
 def test_every_released_tensor_is_one_parameter_and_back(released_llada):
     cfg = checkpoint_config(released_llada)
-    names = {key: to_module_key(key, cfg) for key in released_llada_layout.tensor_shapes(released_llada_layout.RELEASED_CONFIG)}
+    keys = released_llada_layout.tensor_shapes(released_llada_layout.RELEASED_CONFIG)
+    names = {key: to_module_key(key, cfg) for key in keys}
     with torch.device("meta"):
         parameters = dict(llada_v.LladaV(cfg).named_parameters())
     assert sorted(names.values()) == sorted(parameters)
