@@ -24,8 +24,8 @@ Every field is one of:
                                init_device, init_fn, init_std, init_cutoff_factor (initialisation only);
                                flash_attention (the same non-causal attention through flash-attn, :669-673);
                                precision, train_max_sequence_length (training settings the model never reads);
-                               alibi_bias_max (read only with alibi), attention_layer_norm_with_affine (read
-                               only with attention_layer_norm), both refused
+                               alibi_bias_max and attention_layer_norm_with_affine (read only with alibi or
+                               attention_layer_norm true, which are refused)
 Keys that are not ModelConfig fields (architectures, auto_map, model_type, use_cache, torch_dtype, ...) are never
 read by the model code and are ignored here too.
 """
@@ -54,7 +54,7 @@ REQUIRED = {
     "weight_tying": (True, False, "an output head of its own, model.transformer.ff_out"),
     "block_group_size": (1, 1, "blocks stored one by one as model.transformer.blocks.N"),
 }
-# ModelConfig's defaults of the mapped keys.
+# ModelConfig's defaults of the other keys read here.
 DEFAULTS = {"d_model": 768, "n_heads": 12, "n_kv_heads": None, "n_layers": 12, "mlp_ratio": 4, "mlp_hidden_size": None,
             "max_sequence_length": 1024, "rope_theta": 10000.0, "rms_norm_eps": 1e-05, "vocab_size": 50257,
             "embedding_size": 50304, "multi_query_attention": None, "bias_for_layer_norm": None}

@@ -163,8 +163,8 @@ def _check_token_ids(raw: dict, tokenizer, folder: Path) -> None:
 
 
 def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LladaV:
-    """Build LladaV from a checkpoint folder (LLaDA-V, or a plain LLaDA language model), its vocabulary
-    cut to the tokenizer's length (checkpoint_config)."""
+    """Build LladaV from a checkpoint folder (LLaDA-V, its language tower alone, or a text-only LLaDA model),
+    with the vocabulary checkpoint_config gives it."""
     reader = CheckpointReader(folder)
     reader.check()
     model = reader.meta_model()
