@@ -12,8 +12,7 @@ from safetensors.torch import load_file, save_file
 import llada_v
 import official_llada as official
 import released_llada_layout
-from llada_v import CheckpointError, LladaVConfig
-from llada_v import llada_layout
+from llada_v import CheckpointError, LladaVConfig, llada_layout
 from llada_v.config import LLADA
 from llada_v.weights import checkpoint_config, load_model_streaming, to_checkpoint_key, to_module_key
 
@@ -29,6 +28,7 @@ def _written(tmp_path, **edit):
 
 
 def _config(**edit):
+    """The config of LLaDA-8B-Instruct's config.json (tiny sizes) edited; a key given `...` is removed."""
     raw = {**released_llada_layout.RELEASED_CONFIG, **edit}
     return LladaVConfig.from_dict({key: value for key, value in raw.items() if value is not ...})
 
@@ -67,7 +67,7 @@ EVERY_OFFICIAL_KEY = [
     ("init_device", "cpu", "harmless"), ("init_fn", "normal", "harmless"), ("init_std", 0.5, "harmless"),
     ("init_cutoff_factor", 3.0, "harmless"), ("precision", "fp32", "harmless"),
 ]
-MODEL_CONFIG_FIELDS = 42
+MODEL_CONFIG_FIELDS = 42  # configuration_llada.py's ModelConfig has 42 fields
 
 
 def test_the_table_holds_every_official_key():
