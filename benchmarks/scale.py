@@ -73,7 +73,7 @@ def write_random_checkpoint(cfg, folder: Path, seed: int = 0) -> int:
 
     folder.mkdir(parents=True, exist_ok=True)
     with torch.device("meta"):
-        shapes = {to_checkpoint_key(n): p.shape for n, p in LladaV(cfg).named_parameters()}
+        shapes = {to_checkpoint_key(n, cfg): p.shape for n, p in LladaV(cfg).named_parameters()}
     generator = torch.Generator().manual_seed(seed)
 
     def random_tensors():

@@ -333,7 +333,7 @@ def _assemble(reader: CheckpointReader, precision: str, backend: str, limits: En
             traced[name] = trace_part(graph, spec, staging, weights), weight_bytes > external_data_threshold
         release_freed_memory()
     _write_support_files(reader, precision, staging)
-    manifest = Manifest(precision, model_dir.absolute(), limits)
+    manifest = Manifest(precision, cfg.family, model_dir.absolute(), limits)
     profiles = part_profiles(cfg, limits)
     for name, (path, external) in traced.items():
         with log.step(f"writing {name}.onnx" + (f" ({precision} weights)" if precision in BITS else "")):

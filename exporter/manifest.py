@@ -1,6 +1,6 @@
 """manifest.json of an engines folder: what each part is, how it was checked, where it came from.
 
-Layout (docs/engines.md): format_version, precision, source {checkpoint, sha256}, limits,
+Layout (docs/engines.md): format_version, precision, family, source {checkpoint, sha256}, limits,
 embeddings, parts {name: files, onnx, plan?, inputs, outputs, profiles}, validation {name: ...}.
 """
 
@@ -39,6 +39,7 @@ class PartEntry:
 @dataclass
 class Manifest:
     precision: str
+    family: str  # LladaVConfig.family: "llada_v" or "llada" (the text-only LLaDA models)
     checkpoint: Path
     limits: EngineLimits
     checkpoint_sha256: str = ""  # filled in last: hashing a real checkpoint's weights takes a while
@@ -46,7 +47,7 @@ class Manifest:
     validation: dict[str, dict] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"format_version": FORMAT_VERSION, "precision": self.precision,
+        return {"format_version": FORMAT_VERSION, "precision": self.precision, "family": self.family,
                 "source": {"checkpoint": str(self.checkpoint), "sha256": self.checkpoint_sha256},
                 "limits": self.limits.to_dict(), "embeddings": EMBEDDINGS_FILE,
                 "parts": {name: part.to_dict() for name, part in self.parts.items()},

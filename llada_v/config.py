@@ -3,6 +3,8 @@
 Defaults are the released model's sizes. `config.json` keeps the LLaVA/LLaDA layout of the real
 checkpoint: language fields at the top level, `mm_*` fields for the multimodal parts, and (our
 addition, since the real file names the vision tower by hub id instead) an optional `vision_config`.
+A config.json in the OLMo-style layout of the text-only LLaDA models (`d_model`, `n_layers`, ...) is read
+as the "llada" family (llada_layout.py).
 """
 
 from __future__ import annotations
@@ -14,13 +16,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import llada_layout
+from .errors import CheckpointError
 
 # The project's own small model, loaded through the same code as a real checkpoint.
 SHIPPED_MODEL_DIR = Path(__file__).parent / "shipped_model"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder is missing, incomplete or malformed."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,12 @@ class LanguageConfig:
         return self.hidden_size // self.num_attention_heads
 
 
+# Model families: whose official code a model follows (its checkpoint layout and, in the runtime, its decoding).
+LLADA_V = "llada_v"  # LLaDA-V, and its language tower alone in LLaMA names (a folder without vision keys)
+LLADA = "llada"  # the text-only LLaDA models in their released OLMo-style layout (LLaDA-8B-Instruct/Base, LLaDA 1.5)
+FAMILIES = (LLADA_V, LLADA)
+
+
 def default_grid_pinpoints(tile: int) -> tuple[tuple[int, int], ...]:
     """LLaVA-OneVision's `(1x1),...,(6x6)`: every grid of 1 to 6 tiles per side, as (width, height) in pixels."""
     return tuple((tile * i, tile * j) for i in range(1, 7) for j in range(1, 7))
@@ -81,8 +87,13 @@ class LladaVConfig:
     # The longest spliced prompt (image embeddings included), None for no limit. The official code
     # silently truncates a longer prompt here (llava_arch.py:595-598); the runtime refuses it instead.
     tokenizer_model_max_length: int | None = None
+    family: str = LLADA_V
 
     def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise CheckpointError(f"unknown model family {self.family!r}: expected one of {', '.join(FAMILIES)}")
+        if self.family == LLADA and self.vision is not None:
+            raise CheckpointError("the LLaDA family is text-only: it has no vision tower")
         lm = self.language
         if lm.hidden_size % lm.num_attention_heads:
             raise CheckpointError(f"hidden_size {lm.hidden_size} is not divisible by num_attention_heads {lm.num_attention_heads}")
@@ -99,6 +110,8 @@ class LladaVConfig:
 
     @classmethod
     def from_dict(cls, raw: dict) -> "LladaVConfig":
+        if llada_layout.is_llada_config(raw):
+            return cls._from_llada_layout(raw)
         try:
             language = _pick(LanguageConfig, raw)
             if raw.get("rope_scaling") is not None:
@@ -129,7 +142,19 @@ class LladaVConfig:
         except (TypeError, KeyError) as err:
             raise CheckpointError(f"malformed config: {err}") from err
 
+    @classmethod
+    def _from_llada_layout(cls, raw: dict) -> "LladaVConfig":
+        multimodal = [key for key in ("mm_vision_tower", "vision_config") if key in raw]
+        if multimodal:
+            raise CheckpointError(f"config.json mixes the text-only LLaDA layout (it names "
+                                  f"{', '.join(k for k in llada_layout.MARKERS if k in raw)}) with the multimodal keys "
+                                  f"{', '.join(multimodal)}: a LLaDA-V config.json names its language sizes "
+                                  f"hidden_size, num_hidden_layers, ...")
+        return cls(language=LanguageConfig(**llada_layout.language_fields(raw)), vision=None, family=LLADA)
+
     def to_dict(self) -> dict:
+        if self.family == LLADA:
+            return llada_layout.config_dict(self.language)
         raw = {"architectures": ["LladaVModel"] if self.has_vision else ["LLaDAModelLM"],
                "model_type": "llava_llada" if self.has_vision else "llada",
                **dataclasses.asdict(self.language), "hidden_act": "silu", "tie_word_embeddings": False}
@@ -148,19 +173,23 @@ class LladaVConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "LladaVConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(f"{path} not found: a checkpoint folder needs a config.json")
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise CheckpointError(f"{path} is not valid JSON ({err})") from err
-        if not isinstance(raw, dict):
-            raise CheckpointError(f"{path} must hold a JSON object")
-        return cls.from_dict(raw)
+        return cls.from_dict(read_config_json(path))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def read_config_json(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: a checkpoint folder needs a config.json")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err})") from err
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    return raw
 
 
 def _pick(config_cls, raw: dict):

@@ -1,6 +1,6 @@
-"""Checkpoint folders in the released LLaDA-V layout: config.json, safetensors (one file or shards
-with an index) and tokenizer files. Loading is strict: every tensor is mapped to a parameter or
-explicitly dropped, every parameter is filled, every shape matches."""
+"""Checkpoint folders in the released LLaDA-V layout, or in the text-only LLaDA layout (llada_layout.py):
+config.json, safetensors (one file or shards with an index) and tokenizer files. Loading is strict: every
+tensor is mapped to a parameter or explicitly dropped, every parameter is filled, every shape matches."""
 
 from __future__ import annotations
 
@@ -18,16 +18,17 @@ from torch import nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import CheckpointError, LladaVConfig
+from . import llada_layout
+from .config import LLADA, CheckpointError, LladaVConfig, read_config_json
 from .model import LladaV
-from .tokenizer import load_tokenizer
+from .tokenizer import SpecialTokens, load_tokenizer
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 _VISION = "model.vision_tower.vision_tower.vision_model."
 
-# (checkpoint prefix, module prefix); first match wins.
+# LLaDA-V's (checkpoint prefix, module prefix); first match wins.
 KEY_MAP = (
     ("model.embed_tokens.", "denoiser.embed_tokens."),
     ("model.layers.", "denoiser.layers."),
@@ -46,6 +47,8 @@ VOCABULARY_ROWS = ("denoiser.embed_tokens.weight", "denoiser.lm_head.weight")
 
 def to_module_key(key: str, cfg: LladaVConfig) -> str | None:
     """Checkpoint tensor name -> parameter name, None when dropped. Raises KeyError when unknown."""
+    if cfg.family == LLADA:
+        return llada_layout.to_module_key(key)
     if key.startswith(DROPPED):
         return None
     layer = re.match(re.escape(_VISION) + r"encoder\.layers\.(\d+)\.", key)
@@ -57,7 +60,9 @@ def to_module_key(key: str, cfg: LladaVConfig) -> str | None:
     raise KeyError(key)
 
 
-def to_checkpoint_key(name: str) -> str:
+def to_checkpoint_key(name: str, cfg: LladaVConfig) -> str:
+    if cfg.family == LLADA:
+        return llada_layout.to_checkpoint_key(name)
     for ckpt_prefix, module_prefix in KEY_MAP:
         if name.startswith(module_prefix):
             return ckpt_prefix + name[len(module_prefix):]
@@ -103,11 +108,13 @@ def inside_folder(folder: Path, name: str, listed_in: str) -> Path:
 def check_layer_counts(keys, cfg: LladaVConfig, folder: Path) -> None:
     """The config's layer counts against the tensors' names, before any module is built (a config that
     claims millions of layers must fail at once, not after building them)."""
-    layer_indices = {int(m.group(1)) for key in keys if (m := re.match(r"model\.layers\.(\d+)\.", key))}
+    llada = cfg.family == LLADA
+    prefix = llada_layout.LAYER_PREFIX if llada else r"model\.layers\.(\d+)\."
+    layer_indices = {int(m.group(1)) for key in keys if (m := re.match(prefix, key))}
     stored = max(layer_indices, default=-1) + 1
     if stored != cfg.language.num_hidden_layers:
-        raise CheckpointError(f"{folder}: config.json says num_hidden_layers {cfg.language.num_hidden_layers}, "
-                              f"the checkpoint holds {stored} language layers")
+        raise CheckpointError(f"{folder}: config.json says {'n_layers' if llada else 'num_hidden_layers'} "
+                              f"{cfg.language.num_hidden_layers}, the checkpoint holds {stored} language layers")
     if cfg.vision is not None:
         vision = {int(m.group(1)) for key in keys
                   if (m := re.match(re.escape(_VISION) + r"encoder\.layers\.(\d+)\.", key))}
@@ -119,25 +126,45 @@ def check_layer_counts(keys, cfg: LladaVConfig, folder: Path) -> None:
 
 
 def checkpoint_config(folder: str | Path) -> LladaVConfig:
-    """The config of the model a checkpoint folder runs as: config.json with the vocabulary cut to the
-    tokenizer's length when the folder has a tokenizer, as the official loader does
+    """The config of the model a checkpoint folder runs as: config.json, with, when the folder has a tokenizer,
+    a LLaDA-V vocabulary cut to the tokenizer's length, as LLaDA-V's loader does
     (`model.resize_token_embeddings(len(tokenizer))`, llava/model/builder.py:303): the checkpoint's
-    padding rows (126,464 - 126,349 in LLaDA-V) are never predicted."""
+    padding rows (126,464 - 126,349 in LLaDA-V) are never predicted. The LLaDA family keeps every row, as
+    its official code does (it loads the model with AutoModel.from_pretrained and never resizes it)."""
     folder = Path(folder)
-    cfg = LladaVConfig.from_file(folder / "config.json")
+    raw = read_config_json(folder / "config.json")
+    cfg = LladaVConfig.from_dict(raw)
     if not (folder / "tokenizer.json").is_file():
         return cfg
-    rows = len(load_tokenizer(folder))
+    tokenizer = load_tokenizer(folder)
+    rows = len(tokenizer)
     stored = cfg.language.vocab_size
     if rows > stored:
+        key = "embedding_size" if cfg.family == LLADA else "vocab_size"
         raise CheckpointError(f"{folder}: the tokenizer has {rows} tokens but the model's vocabulary only {stored} "
-                              f"rows (vocab_size in config.json): the tokenizer belongs to another model")
+                              f"rows ({key} in config.json): the tokenizer belongs to another model")
+    if cfg.family == LLADA:
+        _check_token_ids(raw, tokenizer, folder)
+        return cfg
     return dataclasses.replace(cfg, language=dataclasses.replace(cfg.language, vocab_size=rows))
 
 
+def _check_token_ids(raw: dict, tokenizer, folder: Path) -> None:
+    """The token ids a LLaDA config.json names, against its tokenizer's tokens. The official code never reads
+    them from the config (generate.py takes mask_id=126336 as an argument, chat.py strips 126081), so ids that
+    disagree with the tokenizer mean a config and a tokenizer of different models."""
+    special, names = SpecialTokens.from_tokenizer(tokenizer), SpecialTokens.NAMES
+    for key, token, token_id in (("mask_token_id", names["mask"], special.mask),
+                                 ("eos_token_id", names["eos"], special.eos),
+                                 ("pad_token_id", "pad token", tokenizer.pad_token_id)):
+        if key in raw and raw[key] != token_id:
+            raise CheckpointError(f"{folder / 'config.json'} says {key} {raw[key]!r}, but the tokenizer's {token} is "
+                                  f"{token_id}: the config and the tokenizer belong to different models")
+
+
 def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LladaV:
-    """Build LladaV from a checkpoint folder (LLaDA-V, or a plain LLaDA language model), its vocabulary
-    cut to the tokenizer's length (checkpoint_config)."""
+    """Build LladaV from a checkpoint folder (LLaDA-V, its language tower alone, or a text-only LLaDA model),
+    with the vocabulary checkpoint_config gives it."""
     reader = CheckpointReader(folder)
     reader.check()
     model = reader.meta_model()
@@ -260,7 +287,7 @@ class CheckpointReader:
     def check(self) -> None:
         """CheckpointError unless the tensors are exactly the config's parameters, in its shapes (read from
         the files' headers only)."""
-        missing = [to_checkpoint_key(n) for n in self.shapes if n not in self.locations]
+        missing = [to_checkpoint_key(n, self.cfg) for n in self.shapes if n not in self.locations]
         extra = [key for name, (_, key) in self.locations.items() if name not in self.shapes]
         unexpected = self.unexpected + extra
         if missing or unexpected:
@@ -312,12 +339,12 @@ class CheckpointReader:
 
 def save_model(model: LladaV, folder: str | Path, tokenizer_folder: str | Path | None = None,
                dtype: torch.dtype | None = None, max_shard_bytes: int | None = None) -> None:
-    """Write a checkpoint folder in the released layout: one safetensors file, or shards and an
+    """Write a checkpoint folder in its family's released layout: one safetensors file, or shards and an
     index when the tensors exceed `max_shard_bytes`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.config.save(folder / "config.json")
-    save_tensors(((to_checkpoint_key(name), (p.detach().to(dtype) if dtype else p.detach()).cpu())
+    save_tensors(((to_checkpoint_key(name, model.config), (p.detach().to(dtype) if dtype else p.detach()).cpu())
                   for name, p in model.named_parameters()), folder, max_shard_bytes)
     if tokenizer_folder is not None:
         copy_tokenizer(tokenizer_folder, folder)

@@ -35,6 +35,14 @@ def reference_dir() -> Path:
     return REFERENCE_DIR
 
 
+@pytest.fixture(scope="session")
+def released_llada(tmp_path_factory) -> Path:
+    """A tiny checkpoint in the released layout of the text-only LLaDA models (tests/released_llada_layout.py)."""
+    import released_llada_layout
+
+    return released_llada_layout.write_checkpoint(tmp_path_factory.mktemp("released-llada") / "checkpoint")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -40,8 +40,9 @@ def tiny_released_config() -> LladaVConfig:
     return LladaVConfig(language=language, vision=vision, image_grid_pinpoints=default_grid_pinpoints(64))
 
 
-def write_tokenizer(folder: Path) -> None:
-    """A byte-level BPE of the corpus, filler entries up to id 126,079, then the special tokens at their ids."""
+def write_tokenizer(folder: Path, special_names: dict[int, str] | None = None) -> None:
+    """A byte-level BPE of the corpus, filler entries up to id 126,079, then the special tokens at their ids
+    (special_names: the content of each, by id; LLaDA-V's named tokens and reserved tokens by default)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     base = Tokenizer(models.BPE())
@@ -52,7 +53,9 @@ def write_tokenizer(folder: Path) -> None:
     spec = json.loads(base.to_str())
     vocab = spec["model"]["vocab"]
     vocab.update({f"<|filler_{i}|>": i for i in range(len(vocab), FIRST_SPECIAL)})
-    spec["added_tokens"] = [{"id": i, "content": SPECIAL_IDS.get(i, f"<|reserved_token_{i - FIRST_SPECIAL}|>"),
+    contents = special_names or {i: SPECIAL_IDS.get(i, f"<|reserved_token_{i - FIRST_SPECIAL}|>")
+                                 for i in range(FIRST_SPECIAL, LAST_SPECIAL + 1)}
+    spec["added_tokens"] = [{"id": i, "content": contents[i],
                              "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
                              "special": True} for i in range(FIRST_SPECIAL, LAST_SPECIAL + 1)]
     folder.mkdir(parents=True, exist_ok=True)

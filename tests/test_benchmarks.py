@@ -4,12 +4,15 @@ import json
 
 import numpy as np
 import pytest
+from safetensors import safe_open
 
+from benchmarks import bench_model
 from benchmarks import engines as engines_bench
 from benchmarks import refresh_interval, serving
+from benchmarks.bench_model import IMAGE_SIZE, bench_config, text_bench_config, write_checkpoint
 from benchmarks.common import load_requests, token_agreement
 from benchmarks.demo_model.evaluate import is_exact_match
-from benchmarks.bench_model import IMAGE_SIZE, bench_config, write_checkpoint
+from exporter import load_manifest
 from llada_v import SHIPPED_MODEL_DIR, SpecialTokens, load_model, load_tokenizer
 from llada_v.image_processing import preprocess
 
@@ -132,6 +135,19 @@ def test_bench_model_prompt_is_dominated_by_image_tokens(tmp_path):
     model = load_model(write_checkpoint(tmp_path / "ckpt"))
     eot = SpecialTokens.from_tokenizer(load_tokenizer(tmp_path / "ckpt")).eot
     assert model.denoiser.lm_head.weight[eot].abs().sum() == 0
+
+
+def test_text_bench_model_is_a_llada_checkpoint_in_the_released_layout(tmp_path, capsys):
+    assert bench_model.main(["--text", "--out", str(tmp_path / "bench")]) == 0
+    checkpoint = tmp_path / "bench" / "checkpoint"
+    assert "d_model" in json.loads((checkpoint / "config.json").read_text())
+    with safe_open(checkpoint / "model.safetensors", "pt") as f:
+        assert all(key.startswith("model.transformer.") for key in f.keys())
+    model = load_model(checkpoint)
+    assert model.config == text_bench_config() and model.config.language == bench_config().language  # every row
+    eot = SpecialTokens.from_tokenizer(load_tokenizer(checkpoint)).eot
+    assert model.denoiser.lm_head.weight[eot].abs().sum() == 0
+    assert load_manifest(tmp_path / "bench" / "engines")["parts"].keys() == {"denoiser"}
 
 
 def test_serving_benchmark_measures_both_servers_with_the_same_load(engines_dir, tmp_path, capsys):

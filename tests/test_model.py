@@ -21,7 +21,7 @@ def test_real_index_names_are_exactly_the_language_model(reference_dir):
     assert cfg.vision is None and cfg.language.num_hidden_layers == 32 and cfg.language.vocab_size == 126464
     with torch.device("meta"):
         model = LladaV(cfg)
-    params = {to_checkpoint_key(name): p for name, p in model.named_parameters()}
+    params = {to_checkpoint_key(name, cfg): p for name, p in model.named_parameters()}
     index = json.loads((reference_dir / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(params)
     bf16_bytes = sum(p.numel() * 2 for p in params.values())
