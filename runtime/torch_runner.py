@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import llada_v
-from llada_v.denoiser import MASKED_SCORE, apply_rotary, rotary_cos_sin
+from llada_v.denoiser import SlotCache
 
 from .runner import Runner, resolve_device
 
@@ -16,12 +15,11 @@ from .runner import Runner, resolve_device
 class TorchRunner(Runner):
     """Runs a checkpoint folder (not an engines folder) with PyTorch.
 
-    fused_cache: run the cached pass in place (each layer writes the queries' fresh K/V into their cache
-    slots and attends over the whole buffer in one fused attention: the Triton kernel on CUDA where it
-    supports the head dim and dtype, PyTorch's scaled_dot_product_attention otherwise), instead of the
-    module's forward (the explicit attention the ONNX graphs are traced from, with the fresh and the
-    cached keys apart). Measured on the benchmark model's dual-cache step (32 queries, 930 slots, 2 CPU
-    threads): 15.6 ms against 17.9 ms (README, Benchmarks). False runs the module's forward, the plain version.
+    fused_cache: run the cached pass on a llada_v SlotCache (each layer writes the queries' fresh K/V into their
+    cache slots and attends over the whole buffer in one fused attention: the Triton kernel on CUDA where it
+    supports the head dim and dtype, PyTorch's scaled_dot_product_attention otherwise), instead of the graphs'
+    form (the explicit attention the ONNX graphs are traced from, with the fresh and the cached keys apart;
+    README, Benchmarks, has the two timed). False runs the graphs' form, the plain version.
 
     dtype: the weights' and activations' dtype; default float32 on a CPU and bfloat16 on CUDA, the released
     checkpoint's own (float32 would send LLaDA-8B's cached pass through an fp32 attention kernel at head dim
@@ -71,8 +69,9 @@ class TorchRunner(Runner):
         self.image_newline = self.model.image_newline.detach() if self.config.has_vision else None
         from triton_kernels.reference import SUPPORTED_HEAD_DIMS
 
-        self.triton_attention = (self.device.type == "cuda" and self.dtype == torch.float16
-                                 and self.config.language.head_dim in SUPPORTED_HEAD_DIMS)
+        triton = (self.device.type == "cuda" and self.dtype == torch.float16
+                  and self.config.language.head_dim in SUPPORTED_HEAD_DIMS)
+        model.denoiser.set_attention("triton" if triton else "sdpa")
 
     def _deactivate_impl(self) -> None:
         self.model = self.embed_table = self.image_newline = None
@@ -101,43 +100,10 @@ class TorchRunner(Runner):
     @torch.inference_mode()
     def _denoise_cached_impl(self, inputs_embeds, position_ids, attention_mask, logits_index,
                              past_keys, past_values, past_mask, query_start):
-        if self.fused_cache:
-            return self._cached_in_place(inputs_embeds, position_ids, attention_mask, logits_index,
-                                         past_keys, past_values, past_mask, query_start)
-        return self.model.denoiser(inputs_embeds, position_ids, attention_mask, logits_index,
-                                   past_keys, past_values, past_mask)[0]
-
-    def _cached_in_place(self, x, position_ids, attention_mask, logits_index, past_keys, past_values, past_mask,
-                         query_start):
-        """Denoiser.forward's cached pass, composed from its modules: each layer writes the queries' fresh
-        K/V into their cache slots and attends over the whole buffer with a key mask in one kernel."""
-        import triton_kernels
-
-        den = self.model.denoiser
-        lm = den.config
-        b, q_len, _ = x.shape
-        slots = slice(query_start, query_start + q_len)
-        key_mask = past_mask.bool()
-        key_mask[:, slots] = attention_mask.bool()
-        # The additive form of the module's masks, so a row with no key to read (a free place of the batch) gets
-        # finite logits as there; no mask at all where every slot is read (one unpadded row: the common case).
-        masked_score = max(MASKED_SCORE, torch.finfo(x.dtype).min)
-        key_bias = None if bool(key_mask.all()) else \
-            torch.where(key_mask, 0.0, masked_score).to(x.dtype)[:, None, None, :]
-        cos, sin = rotary_cos_sin(position_ids, lm.head_dim, lm.rope_theta)
-        for i, layer in enumerate(den.layers):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q, k, v = (proj(h).view(b, q_len, lm.num_attention_heads, lm.head_dim).transpose(1, 2)
-                       for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-            past_keys[i, :, :, slots] = k
-            past_values[i, :, :, slots] = v
-            if self.triton_attention:
-                out = triton_kernels.attention(q, past_keys[i], past_values[i], key_mask=key_mask)
-            else:  # its CPU kernels keep the softmax statistics in fp32, as the explicit form does
-                out = F.scaled_dot_product_attention(q, past_keys[i], past_values[i], attn_mask=key_bias)
-            x = x + attn.o_proj(out.transpose(1, 2).reshape(b, q_len, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        hidden = torch.gather(x, 1, logits_index[..., None].expand(-1, -1, x.shape[-1]))
-        return den.lm_head(den.norm(hidden)).float()
+        if not self.fused_cache:
+            return self.model.denoiser(inputs_embeds, position_ids, attention_mask, logits_index,
+                                       past_keys, past_values, past_mask)[0]
+        valid = past_mask.bool()
+        valid[:, query_start:query_start + inputs_embeds.shape[1]] = attention_mask.bool()
+        cache = SlotCache(past_keys, past_values, query_start, valid)
+        return self.model.denoiser(inputs_embeds, position_ids, attention_mask, logits_index, slot_cache=cache)[0]

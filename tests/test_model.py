@@ -148,10 +148,8 @@ def test_cached_pass_equals_full_pass(shipped_model):
         torch.testing.assert_close(fresh, whole[..., start:, :], atol=1e-5, rtol=1e-5)
 
 
-def test_fused_full_pass_equals_the_explicit_attention(shipped_model, monkeypatch):
+def test_fused_full_pass_equals_the_explicit_attention(shipped_model):
     """The eager full pass (PyTorch's fused attention) against the explicit fp32-softmax form the graphs use."""
-    from llada_v.denoiser import Attention
-
     denoiser, length = shipped_model.denoiser, 40
     embeds = torch.randn(2, length, denoiser.config.hidden_size)
     mask = torch.ones(2, length, dtype=torch.long)
@@ -159,8 +157,11 @@ def test_fused_full_pass_equals_the_explicit_attention(shipped_model, monkeypatc
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     index = torch.arange(length).expand(2, -1)
     fused, fused_keys, fused_values = denoiser(embeds, positions, mask, index)
-    monkeypatch.setattr(Attention, "fused_full_pass", False)
-    explicit, keys, values = denoiser(embeds, positions, mask, index)
+    denoiser.set_attention("explicit")
+    try:
+        explicit, keys, values = denoiser(embeds, positions, mask, index)
+    finally:
+        denoiser.set_attention("sdpa")
     torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=1e-5)
     for a, b in zip(fused_keys + fused_values, keys + values):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -172,8 +172,8 @@ def test_runner_must_be_activated(engines_dir):
         runner.embed(torch.zeros(1, dtype=torch.int64))
 
 
-@pytest.mark.parametrize("triton_attention", [False, True], ids=["sdpa", "triton-kernel-path"])
-def test_fused_cached_pass_matches_the_module_forward(tmp_path, triton_attention):
+@pytest.mark.parametrize("backend", ["sdpa", "triton", "explicit"])
+def test_fused_cached_pass_matches_the_module_forward(tmp_path, backend):
     """The torch runner's in-place cached pass (slot writes + one fused attention over the buffer) against the
     module's forward, on left-padded rows and on one unpadded row (no mask). The Triton branch (CUDA) runs here
     through triton_kernels.attention's PyTorch reference, on a model whose head dim the kernel supports."""
@@ -188,7 +188,7 @@ def test_fused_cached_pass_matches_the_module_forward(tmp_path, triton_attention
                 p.normal_(0, 0.05)
     llada_v.save_model(model, tmp_path, tokenizer_folder=llada_v.SHIPPED_MODEL_DIR)
     plain, fused = TorchRunner(tmp_path, fused_cache=False).activate(), TorchRunner(tmp_path).activate()
-    fused.triton_attention = triton_attention
+    fused.model.denoiser.set_attention(backend)
     embeds, positions, mask = denoiser_inputs(plain, length=16)
     _, keys, values = plain.denoise_full(embeds, positions, mask, torch.zeros(2, 1, dtype=torch.int64))
     changed = embeds + 0.5 * torch.randn(embeds.shape, generator=torch.Generator().manual_seed(1))  # new tokens
