@@ -546,6 +546,39 @@ def test_cli_interrupt_and_closed_stdout(engines_dir, capsys, monkeypatch):
     monkeypatch.undo()
 
 
+def test_cli_ctrl_c_while_importing_is_one_line(interrupted_while_importing, engines_dir):
+    status, stderr = interrupted_while_importing(["-m", "runtime", "generate", "--engines", str(engines_dir),
+                                                  "--prompt", "Hi"])
+    assert (status, stderr) == (130, "interrupted\n")
+
+
+def test_cli_refuses_engines_whose_weights_point_outside_the_folder(engines_dir, tmp_path, capsys):
+    import shutil
+
+    import onnx
+
+    folder = tmp_path / "engines"
+    shutil.copytree(engines_dir, folder)
+    graph_file = folder / "denoiser.onnx"
+    onnx.save(onnx.load(str(graph_file)), str(graph_file), save_as_external_data=True, location="denoiser.data",
+              size_threshold=0)
+    (folder / "denoiser.data").rename(tmp_path / "elsewhere.data")  # beside the folder, and named from inside it
+    model = onnx.load(str(graph_file), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../elsewhere.data"
+    graph_file.write_bytes(model.SerializeToString())
+    assert main(["generate", "--engines", str(folder), "--prompt", "Hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'../elsewhere.data', which is not a file inside" in err
+
+
+def test_load_without_a_path_is_a_value_error():
+    with pytest.raises(ValueError, match="path must be an engines folder .* got None"):
+        Pipeline.load(None)
+
+
 def test_cli_output_to_a_closed_pipe_exits_quietly(engines_dir):
     import subprocess
     import sys
