@@ -18,7 +18,10 @@ from .serve_cli import ListenerSettings
 log = logging.getLogger("runtime.server")
 
 MAX_REQUEST_HEAD = 64 * 1024  # bytes of request line and headers (h11's limit; uvicorn's httptools has none)
-FD_RESERVE = 128  # file descriptors kept for all but client connections (engine files, threads' pipes, logs)
+# asyncio accepts up to `backlog` connections at a time before any of them reaches connection_made, so the
+# connection cap leaves that many file descriptors free, and some for the rest (engine files, pipes, logs).
+BACKLOG = 128
+FD_RESERVE = BACKLOG + 64
 ANSWER_MARGIN = 1.0  # seconds of the shutdown timeout left to send the answers of the requests the drain ended
 
 
@@ -89,7 +92,7 @@ class Server(uvicorn.Server):
 
 
 def connection_budget() -> int:
-    """Client connections that fit under the process's file-descriptor limit (ulimit -n), less FD_RESERVE."""
+    """Client connections that fit under the process's file-descriptor limit (ulimit -n) with FD_RESERVE to spare."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     soft = 65536 if soft == resource.RLIM_INFINITY else soft
     return max(16, soft - FD_RESERVE)
@@ -106,7 +109,7 @@ def make_server(app, settings: ListenerSettings, stop_engines: Callable[[float],
     protocol = type("GuardedH11Protocol", (GuardedH11Protocol,),
                     {"timeout_read": settings.timeout_read, "max_connections": max_connections})
     config = uvicorn.Config(app, host=settings.host, port=settings.port, http=protocol, loop="asyncio",
-                            log_level="info", limit_concurrency=settings.limit_concurrency,
+                            log_level="info", backlog=BACKLOG, limit_concurrency=settings.limit_concurrency,
                             timeout_keep_alive=settings.timeout_keep_alive,
                             h11_max_incomplete_event_size=MAX_REQUEST_HEAD,
                             timeout_graceful_shutdown=settings.shutdown_timeout)
