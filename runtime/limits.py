@@ -1,5 +1,6 @@
 """What one request may cost, checked before the work it would cost: answer length, prompt characters, images,
-decoded pixels per image and per padded square, and decoded pixels in flight across the server.
+decoded pixels per image and per padded square, decoded pixels in flight across the server, and requests in
+progress.
 
 The in-flight budget is taken before an image is decoded (its size is read from the header) and given back when
 the request ends, so a crowd of requests with large images is refused with 503 instead of being decoded first.
@@ -22,18 +23,20 @@ class ServerLimits:
     """max_tokens: the longest answer (gen_length, i.e. max_tokens rounded up to whole blocks); max_prompt_chars:
     characters of the prompt (all messages); max_images: images in one request; max_image_megapixels: one decoded
     image, and the square it is padded to when a request has several; max_megapixels_in_flight: decoded images of
-    all requests being prepared, queued or run; request_timeout: seconds from arrival after which a request is
-    stopped (None: never)."""
+    all requests being prepared, queued or run; max_concurrent_requests: requests in progress (read, waiting or
+    running; /health and /metrics are never refused); request_timeout: seconds from arrival after which a request is stopped
+    (None: never)."""
 
     max_tokens: int = 1024
     max_prompt_chars: int = 65536
     max_images: int = 8
     max_image_megapixels: float = 32
     max_megapixels_in_flight: float = 256
+    max_concurrent_requests: int = 128
     request_timeout: float | None = 600
 
     def __post_init__(self):
-        for name in ("max_tokens", "max_prompt_chars", "max_images"):
+        for name in ("max_tokens", "max_prompt_chars", "max_images", "max_concurrent_requests"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -102,7 +105,7 @@ class PixelBudget:
             if self.used + pixels > self.capacity:
                 raise APIError(503, f"the server is holding {self.used} decoded image pixels for other requests "
                                     f"and this request's {pixels} would exceed its budget of {self.capacity} "
-                                    f"(--max-megapixels-in-flight): retry shortly", None, "server_busy",
+                                    f"(--max-megapixels-in-flight): retry shortly", None, "image_budget_full",
                                {"Retry-After": "1"})
             self.used += pixels
         return Reservation(self, pixels)
@@ -119,3 +122,26 @@ class Reservation:
             if not self._released:
                 self._released = True
                 self.budget.used -= self.pixels
+
+
+class ConcurrencyLimit:
+    """Refuses a request beyond `limit` in progress with OpenAI's 503 JSON and Retry-After, before its body is read
+    (uvicorn's limit_concurrency would also count idle and half-open connections, and answers in plain text).
+    /health and /metrics are always answered, so a busy server is neither taken for a dead one nor unobserved."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit, self.active = app, limit, 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in ("/health", "/metrics"):
+            return await self.app(scope, receive, send)
+        if self.active >= self.limit:
+            refusal = APIError(503, f"the server is handling {self.active} requests, its limit "
+                                    f"(--max-concurrent-requests): retry shortly", None, "server_busy",
+                               {"Retry-After": "1"})
+            return await refusal.response()(scope, receive, send)
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1

@@ -1,6 +1,10 @@
 """uvicorn set up for clients that may be hostile: the h11 protocol with a bounded request head, a deadline to send
-a whole request, a cap on open connections below the file-descriptor limit, uvicorn's own concurrency limit and
-keep-alive timeout, and a shutdown that gives the engines their deadline before it waits for the connections."""
+a whole request, a cap on open connections below the file-descriptor limit, the keep-alive timeout, and a shutdown
+that gives the engines their deadline before it waits for the connections.
+
+uvicorn's own `limit_concurrency` is not used: it counts idle and half-open connections too, so a client holding
+that many half-sent requests would turn every other client away with 503. Requests in progress are limited in
+the app instead (limits.ConcurrencyLimit), where a half-sent request never arrives."""
 
 from __future__ import annotations
 
@@ -92,10 +96,14 @@ class Server(uvicorn.Server):
 
 
 def connection_budget() -> int:
-    """Client connections that fit under the process's file-descriptor limit (ulimit -n) with FD_RESERVE to spare."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    soft = 65536 if soft == resource.RLIM_INFINITY else soft
-    return max(16, soft - FD_RESERVE)
+    """Client connections that fit under the process's file-descriptor limit with FD_RESERVE to spare, once the soft
+    limit is raised to the hard one (up to 65536), as servers do: a soft `ulimit -n` of 1024 is common."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        soft = wanted
+    return max(16, min(soft, 65536) - FD_RESERVE)
 
 
 def make_server(app, settings: ListenerSettings, stop_engines: Callable[[float], None]) -> Server:
@@ -103,14 +111,10 @@ def make_server(app, settings: ListenerSettings, stop_engines: Callable[[float],
     timeout less ANSWER_MARGIN to finish (what is left is answered with an error); uvicorn then waits for the
     connections for the whole timeout, which is over by then."""
     max_connections = connection_budget()
-    if max_connections < settings.limit_concurrency:
-        log.warning("the file-descriptor limit (ulimit -n) leaves room for %d connections, fewer than "
-                    "--limit-concurrency %d: raise it", max_connections, settings.limit_concurrency)
     protocol = type("GuardedH11Protocol", (GuardedH11Protocol,),
                     {"timeout_read": settings.timeout_read, "max_connections": max_connections})
     config = uvicorn.Config(app, host=settings.host, port=settings.port, http=protocol, loop="asyncio",
-                            log_level="info", backlog=BACKLOG, limit_concurrency=settings.limit_concurrency,
-                            timeout_keep_alive=settings.timeout_keep_alive,
+                            log_level="info", backlog=BACKLOG, timeout_keep_alive=settings.timeout_keep_alive,
                             h11_max_incomplete_event_size=MAX_REQUEST_HEAD,
                             timeout_graceful_shutdown=settings.shutdown_timeout)
     drain = max(0.0, settings.shutdown_timeout - ANSWER_MARGIN)

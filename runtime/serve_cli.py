@@ -16,23 +16,19 @@ LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 
 @dataclass(frozen=True)
 class ListenerSettings:
-    """uvicorn's (listener.py). limit_concurrency: connections and requests in progress beyond which a request gets
-    uvicorn's 503; timeout_keep_alive: seconds an idle keep-alive connection stays open; timeout_read: seconds a
-    client has to send a whole request (head and body) from its connection or its request's first byte;
+    """uvicorn's (listener.py). timeout_keep_alive: seconds an idle keep-alive connection stays open; timeout_read:
+    seconds a client has to send a whole request (head and body) from its connection or its request's first byte;
     shutdown_timeout: seconds from SIGTERM to exit, running requests included."""
 
     host: str = "127.0.0.1"
     port: int = 8000
-    limit_concurrency: int = 128
     timeout_keep_alive: int = 5
     timeout_read: float = 30
     shutdown_timeout: float = 30
 
     def __post_init__(self):
-        for name in ("limit_concurrency", "timeout_keep_alive"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.timeout_keep_alive, int) or self.timeout_keep_alive < 1:
+            raise ValueError(f"--timeout-keep-alive must be an integer >= 1, got {self.timeout_keep_alive!r}")
         for name in ("timeout_read", "shutdown_timeout"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
@@ -85,14 +81,14 @@ def add_serve_options(serve: argparse.ArgumentParser) -> None:
                            f"(default {limits.max_megapixels_in_flight:g})")
     cost.add_argument("--max-body-mb", type=float, default=32, help="largest request body (default 32)")
     cost.add_argument("--max-image-mb", type=float, default=16, help="largest encoded image (default 16)")
+    cost.add_argument("--max-concurrent-requests", type=int, default=limits.max_concurrent_requests,
+                      help=f"requests in progress (being read, waiting or running); beyond it: 503 with "
+                           f"Retry-After (default {limits.max_concurrent_requests})")
     cost.add_argument("--request-timeout", type=float, default=limits.request_timeout,
                       help=f"seconds from arrival after which a request is stopped and answered with 504 "
                            f"(0 = never; default {limits.request_timeout:g})")
 
     connections = serve.add_argument_group("connections (uvicorn)")
-    connections.add_argument("--limit-concurrency", type=int, default=listener.limit_concurrency,
-                             help=f"connections and requests in progress beyond which a request gets 503 "
-                                  f"(default {listener.limit_concurrency})")
     connections.add_argument("--timeout-keep-alive", type=int, default=listener.timeout_keep_alive,
                              help=f"seconds an idle keep-alive connection stays open "
                                   f"(default {listener.timeout_keep_alive})")
@@ -123,7 +119,7 @@ def serve(args, defaults: GenerationConfig) -> int:
     from .server import ServerSettings
 
     limits = ServerLimits(args.max_tokens_limit, args.max_prompt_chars, args.max_images, args.max_image_megapixels,
-                          args.max_megapixels_in_flight, args.request_timeout or None)
+                          args.max_megapixels_in_flight, args.max_concurrent_requests, args.request_timeout or None)
     settings = ServerSettings(args.path, args.backend, args.device, args.max_batch, args.max_queue,
                               args.image_cache_mb, args.max_body_mb, args.max_image_mb, args.allow_local_images,
                               args.model_name, defaults, api_keys=api_keys(args.api_key),
@@ -141,8 +137,8 @@ def serve(args, defaults: GenerationConfig) -> int:
         return 0
     if args.replicas != 1:
         raise ValueError("--replicas needs --ray (one process serves one set of engines)")
-    listener = ListenerSettings(args.host, args.port, args.limit_concurrency, args.timeout_keep_alive,
-                                args.timeout_read, args.shutdown_timeout)
+    listener = ListenerSettings(args.host, args.port, args.timeout_keep_alive, args.timeout_read,
+                                args.shutdown_timeout)
     check_folder(args.path, args.backend, args.device)
     from .listener import make_server
     from .server import create_app

@@ -37,7 +37,7 @@ from .auth import ApiKeyCheck
 from .canvas import Canvas
 from .config import BACKENDS, GenerationConfig
 from .errors import APIError, internal_error
-from .limits import PixelBudget, ServerLimits
+from .limits import ConcurrencyLimit, PixelBudget, ServerLimits
 from .metrics import ServerMetrics
 from .openai_inputs import ImageReader, chat_request, conversation, plain_prompt, text_request
 from .pipeline import Pipeline
@@ -270,7 +270,8 @@ def create_app(settings: ServerSettings, *, on_load_failure=None, shutdown_timeo
     docs = {} if settings.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="LLaDA-V", lifespan=lifespan, **docs)
     app.state.engine = engine
-    # Added innermost first: a request meets the replica header, the Host check, CORS, the key, the body limit.
+    # Added innermost first: a request meets the replica header, the limit on requests in progress, the Host check,
+    # CORS, the key, then the body limit.
     app.add_middleware(BodyLimit, max_bytes=int(settings.max_body_mb * 2**20))
     if settings.api_keys:
         app.add_middleware(ApiKeyCheck, keys=settings.api_keys, open_paths=settings.open_paths)
@@ -279,6 +280,7 @@ def create_app(settings: ServerSettings, *, on_load_failure=None, shutdown_timeo
                            allow_headers=["authorization", "content-type"])
     if settings.allowed_hosts is not None:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(settings.allowed_hosts))
+    app.add_middleware(ConcurrencyLimit, limit=limits.max_concurrent_requests)
     app.add_middleware(ReplicaHeader)
     if settings.playground:
         playground.add_playground(app)

@@ -33,7 +33,7 @@ def local_dir(tmp_path_factory):
 def guarded(no_eot_model_dir, local_dir):
     """Tight limits, so that each is reached cheaply: 8 megapixels per image and in flight, 2-second request reads,
     3-second requests; answers that never end early (torch backend)."""
-    server = ServerProcess("--engines", str(no_eot_model_dir), "--backend", "torch", "--max-batch", "2",
+    server = ServerProcess("--engines", str(no_eot_model_dir), "--backend", "torch", "--max-batch", "3",
                            "--max-tokens-limit", "2048", "--max-image-megapixels", "8", "--max-megapixels-in-flight", "8",
                            "--timeout-read", "2",
                            "--request-timeout", "3", "--allow-local-images", str(local_dir),
@@ -72,6 +72,13 @@ def error_of(reply, status: int, code: str) -> dict:
     error = reply.json()["error"]
     assert error["code"] == code, error
     return error
+
+
+def wait_until(condition, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
 
 
 def healthy(server) -> bool:
@@ -122,7 +129,7 @@ def test_a_crowd_of_image_requests_is_held_to_the_pixel_budget(guarded):
     statuses = [r.status_code for r in replies]
     busy = [r.json()["error"]["code"] for r in replies if r.status_code == 503]
     assert set(statuses) <= {200, 503, 504} and statuses.count(200) >= 1 and busy, statuses
-    assert set(busy) <= {"server_busy", "queue_full"}
+    assert "image_budget_full" in busy and set(busy) <= {"image_budget_full", "queue_full"}
     answers = {r.json()["choices"][0]["message"]["content"] for r in replies if r.status_code == 200}
     assert len(answers) == 1  # the same request, the same answer, however crowded
     print(f"40 concurrent 1600x1200 requests: {statuses.count(200)} answered, {len(busy)} refused with 503; "
@@ -159,10 +166,16 @@ def test_a_huge_prompt_is_refused_before_it_is_tokenized(guarded):
 def test_half_open_connections_are_closed_and_never_exhaust_descriptors(guarded):
     log_before = len(guarded.output())
     sockets = []
-    for _ in range(500):  # more than the server's 400 file descriptors
-        sock = socket.create_connection(("127.0.0.1", guarded.port), timeout=10)
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Ty")
-        sockets.append(sock)
+
+    def half_open(count: int):
+        for _ in range(count):
+            sock = socket.create_connection(("127.0.0.1", guarded.port), timeout=10)
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Ty")
+            sockets.append(sock)
+
+    half_open(100)
+    assert small_answer(guarded).status_code == 200  # they hold no place among the requests in progress
+    half_open(400)  # 500 in all: more than the server's 400 file descriptors; those past its budget close at once
     try:
         closed = 0
         for sock in sockets:  # --timeout-read 2: every one is closed by the server
@@ -202,9 +215,10 @@ def test_local_paths_that_are_no_paths_get_400_without_the_servers_folder(guarde
 
 def test_a_request_past_its_deadline_is_retired_and_answered_the_others_go_on(guarded):
     timed_out = metric(guarded, "llada_requests_total", outcome="timed_out")
+    slow = {**LONG, "cache": "dual", "refresh_interval": 8}  # cheap steps, so the short request's group has its turns
     with ThreadPoolExecutor(2) as pool:
-        plain = pool.submit(post, guarded, LONG)
-        with httpx.stream("POST", f"{guarded.url}/v1/chat/completions", json={**LONG, "stream": True},
+        plain = pool.submit(post, guarded, slow)
+        with httpx.stream("POST", f"{guarded.url}/v1/chat/completions", json={**slow, "stream": True},
                           timeout=60) as stream:
             assert small_answer(guarded).status_code == 200  # beside the two long ones
             lines = [line for line in stream.iter_lines() if line]
@@ -215,13 +229,16 @@ def test_a_request_past_its_deadline_is_retired_and_answered_the_others_go_on(gu
 
 def test_sigterm_answers_every_request_it_ends_and_exits_within_the_timeout(no_eot_model_dir):
     server = ServerProcess("--engines", str(no_eot_model_dir), "--backend", "torch", "--max-tokens-limit", "2048",
-                           "--shutdown-timeout", "3")
+                           "--shutdown-timeout", "3", "--max-concurrent-requests", "2")
     with ThreadPoolExecutor(1) as pool, httpx.stream("POST", f"{server.url}/v1/chat/completions",
                                                      json={**LONG, "stream": True}, timeout=60) as stream:
         lines = stream.iter_lines()
         assert next(lines).startswith("data: ")
         plain = pool.submit(post, server, LONG)
-        time.sleep(0.5)
+        wait_until(lambda: metric(server, "llada_batch_rows") == 2)
+        busy = post(server, {"messages": [user_message("Hi")], "max_tokens": 8})  # a third request in progress
+        assert "--max-concurrent-requests" in error_of(busy, 503, "server_busy")["message"]
+        assert busy.headers["retry-after"] == "1" and healthy(server)
         server.terminate()
         signalled = time.perf_counter()
         rest = [line for line in lines if line]

@@ -113,16 +113,16 @@ class AnswerView {
     canvas.ids.forEach((id, position) => {
       const cell = this.cells[position];
       const step = canvas.committed_at[position];
+      const after = end >= 0 && position > end; // past the end of the answer: never decoded
       if (step === null) {
-        masked += 1;
-        cell.className = "tok mask";
+        if (!after) masked += 1;
+        cell.className = "tok mask" + (after ? " after" : "");
         cell.textContent = "\u00a0";
-        cell.title = `position ${position + 1}: masked`;
+        cell.title = `position ${position + 1}: ${after ? "after the end of the answer" : "masked"}`;
         return;
       }
       const isEnd = id === canvas.eot_id;
-      cell.className = "tok" + (isEnd ? " end" : "") + (end >= 0 && position > end ? " after" : "")
-        + (step === canvas.step ? " fresh" : "");
+      cell.className = "tok" + (isEnd ? " end" : "") + (after ? " after" : "") + (step === canvas.step ? " fresh" : "");
       cell.textContent = isEnd ? "end" : visible(canvas.pieces[position]);
       // Blue for the first step to orange for the latest: where the model was sure first, and where it hesitated.
       const share = canvas.step > 1 ? (step - 1) / (canvas.step - 1) : 0;
