@@ -16,6 +16,10 @@ from .config import GenerationConfig
 from .errors import APIError
 
 MEGA = 10**6
+# The serve command's option for each limit, named in the errors.
+FLAGS = {"max_tokens": "--max-tokens-limit", "max_prompt_chars": "--max-prompt-chars", "max_images": "--max-images",
+         "max_image_megapixels": "--max-image-megapixels", "max_megapixels_in_flight": "--max-megapixels-in-flight",
+         "max_concurrent_requests": "--max-concurrent-requests", "request_timeout": "--request-timeout"}
 
 
 @dataclass(frozen=True)
@@ -39,16 +43,16 @@ class ServerLimits:
         for name in ("max_tokens", "max_prompt_chars", "max_images", "max_concurrent_requests"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+                raise ValueError(f"{name} ({FLAGS[name]}) must be an integer >= 1, got {value!r}")
         for name in ("max_image_megapixels", "max_megapixels_in_flight", "request_timeout"):
             value = getattr(self, name)
             if value is None and name == "request_timeout":
                 continue
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
-                raise ValueError(f"{name} must be a number > 0, got {value!r}")
+                raise ValueError(f"{name} ({FLAGS[name]}) must be a number > 0, got {value!r}")
         if self.max_megapixels_in_flight < self.max_image_megapixels:
-            raise ValueError(f"max_megapixels_in_flight {self.max_megapixels_in_flight} is less than "
-                             f"max_image_megapixels {self.max_image_megapixels}: no image of the largest size "
+            raise ValueError(f"--max-megapixels-in-flight {self.max_megapixels_in_flight:g} is less than "
+                             f"--max-image-megapixels {self.max_image_megapixels:g}: no image of the largest size "
                              f"could ever be decoded")
 
     def check_generation(self, config: GenerationConfig) -> None:

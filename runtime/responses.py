@@ -59,7 +59,7 @@ class Completion:
         return event
 
     def error(self, event: Event):
-        return job_error(event.error, self.id)
+        return job_error(event.error, self.id, "messages" if self.kind == "chat" else "prompt")
 
     def _choice(self, text: str, finish_reason: str | None, chunk: bool) -> dict:
         if self.kind == "text":
@@ -118,12 +118,13 @@ class Completion:
             self.close()
 
 
-def job_error(err: BaseException, request_id: str) -> APIError:
-    """The APIError for what a job reported (the scheduler has counted its outcome)."""
+def job_error(err: BaseException, request_id: str, prompt_param: str = "messages") -> APIError:
+    """The APIError for what a job reported (the scheduler has counted its outcome); prompt_param: the body field
+    that holds the prompt."""
     if isinstance(err, ImageTooLargeError):
         error = APIError(413, str(err), "messages", "image_too_large")
     elif isinstance(err, PromptTooLongError):
-        error = APIError(400, str(err), "messages", "context_length_exceeded")
+        error = APIError(400, str(err), prompt_param, "context_length_exceeded")
     elif isinstance(err, ValueError):
         error = APIError(400, str(err), None, "invalid_request")
     elif isinstance(err, SchedulerStoppedError):

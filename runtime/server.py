@@ -146,7 +146,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._refuse(send)
+            return await self._refuse(scope, send)
         seen, too_large = 0, False
 
         async def limited_receive():
@@ -171,12 +171,12 @@ class BodyLimit:
             if not too_large:
                 raise
         if too_large:
-            await self._refuse(send)
+            await self._refuse(scope, send)
 
-    async def _refuse(self, send):
+    async def _refuse(self, scope, send):
         refusal = APIError(413, f"the request body is larger than the server's limit of {self.max_bytes} bytes "
                                 f"(--max-body-mb)", None, "body_too_large")
-        await refusal.response()({"type": "http"}, None, send)
+        await refusal.response()(scope, None, send)
 
 
 class ReplicaHeader:

@@ -384,6 +384,12 @@ def test_serve_cli_refuses_a_bad_folder_and_settings(tmp_path, capsys):
     assert "--ray" in capsys.readouterr().err
     assert main(["serve", "--engines", str(llada_v.SHIPPED_MODEL_DIR), "--max-body-mb", "0"]) == 2
     assert "max_body_mb" in capsys.readouterr().err
+    assert main(["serve", "--engines", str(llada_v.SHIPPED_MODEL_DIR), "--max-tokens-limit", "0"]) == 2
+    assert "--max-tokens-limit" in capsys.readouterr().err
+    assert main(["serve", "--engines", str(llada_v.SHIPPED_MODEL_DIR), "--max-megapixels-in-flight", "16"]) == 2
+    assert "--max-megapixels-in-flight 16 is less than --max-image-megapixels 32" in capsys.readouterr().err
+    assert main(["serve", "--engines", str(llada_v.SHIPPED_MODEL_DIR), "--timeout-read", "0"]) == 2
+    assert "--timeout-read must be a number of seconds > 0" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert main(["serve", "--engines", str(llada_v.SHIPPED_MODEL_DIR), "--backend", "tensorrt"]) == 2
         assert "GPU" in capsys.readouterr().err
