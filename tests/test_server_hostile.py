@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.server_process import ServerProcess, data_url, user_message
 
-MEMORY_LIMIT = 3 * 2**30  # the server idles at ~1.5 GB of address space; each test below asked for 4-30 GB before
+MEMORY_LIMIT = 3 * 2**30  # the server idles at ~1.5 GB of address space; the probe took 4.3-30 GB with some of these
 FD_LIMIT = 400
 # About 2,000 positions and 1,984 steps: far longer than any test waits.
 LONG = {"messages": [{"role": "user", "content": "Go on"}], "max_tokens": 1984, "block_length": 8, "steps": 1984}
