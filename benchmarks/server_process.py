@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -27,15 +28,23 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`python -m runtime serve ARGS` on a free port; `url` once /health answers 200."""
+    """`python -m runtime serve ARGS` on a free port; `url` once /health answers 200. env: variables added to this
+    process's; rlimits: {resource.RLIMIT_*: limit} set in the server process (soft and hard), e.g. its memory."""
 
-    def __init__(self, *args: str, threads: int = 1, timeout: float = 120):
+    def __init__(self, *args: str, threads: int = 1, timeout: float = 120, env: dict | None = None,
+                 rlimits: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w+", prefix="llada-serve-", suffix=".log", delete=False)
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", **(env or {})}
+
+        def set_limits():
+            for limit, value in (rlimits or {}).items():
+                resource.setrlimit(limit, (value, value))
+
         self.process = subprocess.Popen([sys.executable, "-m", "runtime", "serve", *args, "--port", str(self.port)],
-                                        cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+                                        cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                        preexec_fn=set_limits if rlimits else None)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -52,6 +61,13 @@ class ServerProcess:
     def output(self) -> str:
         self.log.flush()
         return Path(self.log.name).read_text()
+
+    def peak_rss_mb(self) -> float:
+        """The server process's peak resident memory so far (VmHWM), in MB."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmHWM in /proc: not Linux?")
 
     def terminate(self) -> None:
         self.process.send_signal(signal.SIGTERM)

@@ -155,8 +155,19 @@ def resize_and_pad(image: Image.Image, target: tuple[int, int]) -> Image.Image:
     return canvas
 
 
+def check_padded_square(size: tuple[int, int], name: str = "an image") -> None:
+    """ImageTooLargeError when padding an image of `size` to a square (several images in a request) would make
+    more than MAX_IMAGE_PIXELS: a 1x100000 image is legal, its square is not."""
+    side = max(size)
+    if side * side > MAX_IMAGE_PIXELS:
+        raise ImageTooLargeError(f"{name} of {size[0]}x{size[1]} pixels would be padded to a {side}x{side} square "
+                                 f"({side * side} pixels, more than the {MAX_IMAGE_PIXELS} allowed): with several "
+                                 f"images in a request each is padded to a square; crop or downscale it")
+
+
 def expand_to_square(image: Image.Image) -> Image.Image:
     """The official `expand2square`: the image centred on a PAD_BACKGROUND square of its longer side."""
+    check_padded_square(image.size)
     if image.mode not in PAD_MODES:
         image = image.convert("RGB")
     width, height = image.size

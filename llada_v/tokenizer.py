@@ -87,3 +87,9 @@ def conversation_ids(tokenizer, messages: list[dict]) -> list[int]:
     for chunk in rest:
         ids += [IMAGE_TOKEN_INDEX, *chunk[offset:]]
     return ids
+
+
+def plain_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of a text taken as it is (a completion prompt): BOS, as every conversation starts, then the text's
+    tokens; no chat template, and `<image>` is only text."""
+    return [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]

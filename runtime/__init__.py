@@ -4,12 +4,26 @@
     pipe = Pipeline.load("engines/", backend="onnxruntime")
     result = pipe.generate("What is in the image?", image="cat.png", config=GenerationConfig(gen_length=64))
     print(result.text, result.stats["tokens_per_second"])
+
+The names are imported on first use (PEP 562), so `python -m runtime` reaches its own error handling (Ctrl-C
+included) before torch is imported.
 """
 
-from .chat import Conversation
-from .config import GenerationConfig
-from .pipeline import GenerationResult, Pipeline, Stream
-from .prompt import Request
-from .runner import Runner
+import importlib
+
+_SOURCES = {"Pipeline": "pipeline", "GenerationResult": "pipeline", "Stream": "pipeline", "Conversation": "chat",
+            "GenerationConfig": "config", "Request": "prompt", "Runner": "runner"}
 
 __all__ = ["Pipeline", "GenerationConfig", "GenerationResult", "Conversation", "Request", "Stream", "Runner"]
+
+
+def __getattr__(name: str):
+    if name not in _SOURCES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_SOURCES[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *__all__])

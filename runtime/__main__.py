@@ -15,8 +15,8 @@ import os
 import sys
 import warnings
 
-from .config import CACHE_MODES, REMASKING, GenerationConfig
-from .pipeline import BACKENDS, Pipeline
+from .config import BACKENDS, CACHE_MODES, REMASKING, GenerationConfig
+from .serve_cli import add_serve_options, serve
 
 SERVE_DEFAULTS = GenerationConfig(gen_length=64)
 
@@ -36,22 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="an image for the prompt (repeat for several, one <image> each)")
     chat = commands.add_parser("chat", help="multi-turn chat on stdin")
     serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server (POST /v1/chat/completions)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--max-batch", type=int, default=8, help="rows decoded together, all requests (default 8)")
-    serve.add_argument("--max-queue", type=int, default=64,
-                       help="requests waiting for a row; beyond it: 503 with Retry-After (default 64)")
-    serve.add_argument("--image-cache-mb", type=float, default=256,
-                       help="image embeddings kept for images seen again, MB (0 = off; default 256)")
-    serve.add_argument("--max-body-mb", type=float, default=32, help="largest request body (default 32)")
-    serve.add_argument("--max-image-mb", type=float, default=16, help="largest encoded image (default 16)")
-    serve.add_argument("--allow-local-images", metavar="DIR", default=None,
-                       help="accept image_url paths (file://...) inside DIR; refused otherwise")
-    serve.add_argument("--model-name", default=None, help="the model id in /v1/models (default: the folder's name)")
-    serve.add_argument("--shutdown-timeout", type=float, default=30,
-                       help="on SIGTERM, seconds to finish running requests (default 30)")
-    serve.add_argument("--ray", action="store_true", help="serve from Ray Serve replicas (pip install '.[ray]')")
-    serve.add_argument("--replicas", type=int, default=1, help="with --ray: replicas, each with its own engines")
+    add_serve_options(serve)
     for sub in (generate, chat, serve):
         sub.add_argument("--engines", "--model", dest="path", required=True, metavar="DIR",
                          help="engines folder (onnxruntime, tensorrt) or checkpoint folder (torch)")
@@ -117,7 +102,7 @@ def print_answer(args, run, stream_run) -> None:
         print(json.dumps(result.stats), file=sys.stderr)
 
 
-def chat_loop(args, pipe: Pipeline, config: GenerationConfig) -> None:
+def chat_loop(args, pipe, config: GenerationConfig) -> None:
     conversation = pipe.chat(config)
     images: list[str] = []
     interactive = sys.stdin.isatty()
@@ -170,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         config = generation_config(args)
         if args.command == "serve":
             return serve(args, config)
+        from .pipeline import Pipeline  # here, not at the top: Ctrl-C while torch imports is handled below
+
         pipe = Pipeline.load(args.path, backend=args.backend, device=args.device)
         if args.command == "generate":
             image = args.image or None
@@ -188,53 +175,6 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     return 0
-
-
-def serve(args, defaults: GenerationConfig) -> int:
-    from .server import ServerSettings
-
-    settings = ServerSettings(args.path, args.backend, args.device, args.max_batch, args.max_queue,
-                              args.image_cache_mb, args.max_body_mb, args.max_image_mb, args.allow_local_images,
-                              args.model_name, defaults)
-    if args.ray:
-        from .ray_serve import serve_on_ray
-
-        serve_on_ray(settings, args.replicas, args.host, args.port)
-        return 0
-    if args.replicas != 1:
-        raise ValueError("--replicas needs --ray (one process serves one set of engines)")
-    check_folder(args.path, args.backend, args.device)
-    import uvicorn
-
-    from .server import create_app
-
-    failed = []
-
-    def stop_on_failure():
-        failed.append(True)
-        server.should_exit = True
-
-    app = create_app(settings, on_load_failure=stop_on_failure, shutdown_timeout=args.shutdown_timeout)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
-                                           timeout_graceful_shutdown=args.shutdown_timeout))
-    server.run()
-    return 2 if failed else 0
-
-
-def check_folder(path: str, backend: str, device: str | None) -> None:
-    """Refuse a folder or a device that cannot serve these engines before the server starts (the engines load
-    after it)."""
-    from .runner import resolve_device
-
-    resolve_device(device or ("cuda" if backend == "tensorrt" else "cpu"), backend)
-    if backend == "torch":
-        from llada_v.weights import checkpoint_config
-
-        checkpoint_config(path)
-    else:
-        from .engines import open_engines
-
-        open_engines(path)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 REMASKING = ("low_confidence", "random")
 CACHE_MODES = ("none", "prefix", "dual")
+BACKENDS = ("onnxruntime", "tensorrt", "torch")
 
 
 @dataclass(frozen=True)
@@ -16,7 +17,9 @@ class GenerationConfig:
     gen_length: answer positions (masks) appended to the prompt.
     block_length: decoded left to right in blocks of this many positions (gen_length % block_length == 0).
     steps: denoising steps over the whole answer, spread evenly over the blocks; None = gen_length
-        (one token per step). Ignored when `threshold` is set: a block then ends when it has no masks left.
+        (one token per step), which is also the most: a step commits at least one token and a block ends when
+        its masks run out, so more steps than positions never run. Ignored when `threshold` is set: a block
+        then ends when it has no masks left.
     temperature: 0 = argmax; > 0 adds temperature * Gumbel noise drawn from a generator seeded with `seed`.
     remasking: "low_confidence" (commit the most confident candidates) or "random".
     cache: "none" (a full forward every step), "prefix" or "dual" (DESIGN §4).
@@ -54,6 +57,10 @@ class GenerationConfig:
         if self.steps < 1 or self.steps % self.num_blocks:
             raise ValueError(f"steps {self.steps} must be a positive multiple of the number of blocks "
                              f"{self.num_blocks} (gen_length / block_length), e.g. steps={self.num_blocks * 4}")
+        if self.steps > self.gen_length:
+            raise ValueError(f"steps {self.steps} is more than gen_length {self.gen_length}: a step commits at least "
+                             f"one token, so steps beyond gen_length never run (the answer is the one steps="
+                             f"{self.gen_length} gives); use steps <= gen_length")
         if not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool) \
                 or not 0 <= self.temperature < math.inf:
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")

@@ -160,6 +160,13 @@ def _check_graph(engines: EnginesFolder, part: str) -> None:
         graph = onnx.load(str(path), load_external_data=False).graph
     except Exception as err:  # protobuf's DecodeError and friends: the file is truncated or not ONNX
         raise ValueError(f"{path} is not a readable ONNX model ({type(err).__name__}): {BUILD_HINT}") from err
+    for tensor in _tensors(graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
+            try:
+                inside_folder(engines.folder, location, path.name)
+            except CheckpointError as err:
+                raise ValueError(f"{err}: the weights of an engines folder stay inside it; {BUILD_HINT}") from err
     inputs, outputs = {v.name: v for v in graph.input}, {v.name: v for v in graph.output}
     want_inputs, want_outputs = _graph_io(engines.config, part)
     if set(inputs) != set(want_inputs) or set(outputs) != set(want_outputs):
@@ -188,6 +195,18 @@ def _check_graph(engines: EnginesFolder, part: str) -> None:
             raise ValueError(f"{path} takes inputs_embeds of width {hidden.dim_value} but config.json says "
                              f"hidden_size {cfg.language.hidden_size}: config.json was changed after the build; "
                              f"{BUILD_HINT}")
+
+
+def _tensors(graph):
+    """Every tensor a graph holds: its initializers and its nodes' tensor attributes, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            for subgraph in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                yield from _tensors(subgraph)
 
 
 def _check_embeddings(engines: EnginesFolder) -> None:

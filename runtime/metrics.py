@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-OUTCOMES = ("completed", "invalid", "cancelled", "rejected", "failed")
+OUTCOMES = ("completed", "invalid", "cancelled", "rejected", "timed_out", "failed")
 
 
 class ServerMetrics:
     def __init__(self):
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("llada_requests", "Chat completion requests by outcome", ["outcome"], registry=r)
+        self.requests = Counter("llada_requests", "Completion requests (chat and text) by outcome", ["outcome"], registry=r)
         for outcome in OUTCOMES:
             self.requests.labels(outcome)
         self.queue_depth = Gauge("llada_queue_depth", "Requests waiting for a batch row", registry=r)

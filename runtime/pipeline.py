@@ -13,17 +13,15 @@ import torch
 
 from llada_v import SpecialTokens, conversation_ids, load_tokenizer
 
-from .config import GenerationConfig
+from .config import BACKENDS, GenerationConfig
 from .decoding import Batch, Decoder, StageTimer, final_prefix, stop_position
 from .image_cache import ImageEmbeddingCache
-from .prompt import (ImageLike, Request, as_request, image_embeddings, is_conversation, prompt_embeddings,
-                     request_ids)
+from .prompt import (ImageLike, PreparedRequest, Request, as_request, image_embeddings, is_conversation, prepare,
+                     prompt_embeddings)
 from .runner import Runner
 
 if TYPE_CHECKING:
     from .chat import Conversation
-
-BACKENDS = ("onnxruntime", "tensorrt", "torch")
 
 
 @dataclass
@@ -68,6 +66,9 @@ class Pipeline:
         execution providers; fused_cache (torch only): see TorchRunner; image_cache_mb: keep up to this many
         MB of image embeddings for images seen again (0 = none).
         """
+        if not isinstance(path, (str, Path)):
+            raise ValueError(f"path must be an engines folder (or a checkpoint folder for backend 'torch') as a str "
+                             f"or Path, got {path!r}")
         if not isinstance(image_cache_mb, (int, float)) or isinstance(image_cache_mb, bool) \
                 or not 0 <= image_cache_mb < float("inf"):
             raise ValueError(f"image_cache_mb must be a number of MB >= 0, got {image_cache_mb!r}")
@@ -156,16 +157,22 @@ class Pipeline:
             raise ValueError(f"config must be a GenerationConfig, got {type(cfg).__name__}")
         runner = self.runner
         timer = StageTimer(runner.device)
-        prompts = self.embed_prompts(requests, timer)
-        self.check_fits(prompts, cfg)
+        with timer("preprocess"):
+            prepared = [self.prepare(request) for request in requests]
+        prompts = self.embed_prompts(prepared, timer)
+        self.check_fits([len(prompt) for prompt in prompts], cfg)
         batch = Batch.left_padded(prompts, cfg.gen_length, self.special.mask, runner)
         return Decoder(runner, batch, cfg, self.special, self.banned_ids, timer)
 
-    def embed_prompts(self, requests: list[Request], timer: StageTimer) -> list[torch.Tensor]:
+    def prepare(self, request: Request) -> PreparedRequest:
+        """The request's prompt ids and decoded images: the CPU work before the engines, safe on any thread."""
+        return prepare(request, self.tokenizer, self.runner.config.has_vision)
+
+    def embed_prompts(self, requests: list[Request | PreparedRequest], timer: StageTimer) -> list[torch.Tensor]:
         """Each request's prompt [Lp, C], its images spliced in (all images through one vision call)."""
-        ids = [request_ids(r, self.tokenizer) for r in requests]
-        images = image_embeddings(requests, self.runner, timer, self.image_cache)
-        return [prompt_embeddings(i, im, self.runner) for i, im in zip(ids, images)]
+        prepared = [r if isinstance(r, PreparedRequest) else self.prepare(r) for r in requests]
+        images = image_embeddings(prepared, self.runner, timer, self.image_cache)
+        return [prompt_embeddings(p.ids, im, self.runner) for p, im in zip(prepared, images)]
 
     def _results(self, decoder: Decoder) -> list[GenerationResult]:
         seconds = decoder.timer.elapsed()
@@ -179,9 +186,11 @@ class Pipeline:
             res.stats = copy.deepcopy(stats)
         return results
 
-    def check_fits(self, prompts: list[torch.Tensor], cfg: GenerationConfig) -> None:
-        """PromptTooLongError when a prompt and its answer do not fit the model or the engines; ValueError when the
-        engines cannot decode blocks this long (or, with the prefix cache, answers this long) in one call."""
+    def check_fits(self, prompt_lengths: list[int], cfg: GenerationConfig) -> None:
+        """PromptTooLongError when a prompt of these many positions and the answer do not fit the model or the
+        engines (a server checks a prompt's text ids this way before queueing it: its images only add positions);
+        ValueError when the engines cannot decode blocks this long (or, with the prefix cache, answers this long)
+        in one call."""
         limits = self.runner.limits
         if limits is not None and cfg.block_length > limits.max_block:
             raise ValueError(f"block_length {cfg.block_length} is more than these engines decode in one call "
@@ -194,15 +203,15 @@ class Pipeline:
                              f"engines with `python -m exporter build --max-gen-length {cfg.gen_length}`")
         limit = self.runner.max_sequence_length
         prompt_limit = self.runner.config.tokenizer_model_max_length
-        for prompt in prompts:
-            if prompt_limit is not None and len(prompt) > prompt_limit:
+        for length in prompt_lengths:
+            if prompt_limit is not None and length > prompt_limit:
                 # The official code would silently cut the prompt here, assistant header included.
-                raise PromptTooLongError(f"the prompt takes {len(prompt)} positions (image embeddings included), "
+                raise PromptTooLongError(f"the prompt takes {length} positions (image embeddings included), "
                                          f"more than the model's tokenizer_model_max_length {prompt_limit}: shorten "
                                          f"the prompt or use fewer or smaller images")
-            if len(prompt) + cfg.gen_length > limit:
-                raise PromptTooLongError(f"the prompt takes {len(prompt)} positions (image embeddings included) and "
-                                         f"gen_length is {cfg.gen_length}: {len(prompt) + cfg.gen_length} exceeds "
+            if length + cfg.gen_length > limit:
+                raise PromptTooLongError(f"the prompt takes {length} positions (image embeddings included) and "
+                                         f"gen_length is {cfg.gen_length}: {length + cfg.gen_length} exceeds "
                                          f"the maximum sequence length {limit} of these engines/this model; shorten "
                                          f"the prompt, use fewer or smaller images, or lower gen_length")
 

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from llada_v import IMAGE_TOKEN_INDEX, conversation_ids
-from llada_v.image_processing import load_image, merge_tile_embeddings, tiles_of
-from llada_v.tokenizer import IMAGE_PLACEHOLDER, with_image_placeholders
+from llada_v.image_processing import check_padded_square, load_image, merge_tile_embeddings, tiles_of
+from llada_v.tokenizer import IMAGE_PLACEHOLDER, plain_ids, with_image_placeholders
 
 from .image_cache import ImageEmbeddingCache
 from .runner import Runner
@@ -34,13 +34,19 @@ class Request:
     or iterable of them, or None; read once, when the request is made (`images`). Each `<image>` in the
     prompt takes the next image; with no `<image>` at all, the placeholders go before the (last) user
     question, joined by spaces and followed by a newline, as the official evaluation writes them.
+    plain: the prompt is a text taken as it is, without the chat template (a completion: BOS, then its tokens);
+    it takes no images.
     """
 
     prompt: str | Sequence[dict]
     image: ImageLike | Sequence[ImageLike] | None = None
+    plain: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "images", image_list(self.image))
+        if self.plain and (not isinstance(self.prompt, str) or self.images):
+            raise ValueError("a plain prompt is one text without images (a conversation or images need the chat "
+                             "template: plain=False)")
         if not isinstance(self.prompt, (str, list, tuple)):
             raise ValueError(f"a prompt must be text or a conversation (a list of {{'role', 'content'}} messages), "
                              f"got {type(self.prompt).__name__}")
@@ -114,23 +120,47 @@ def as_request(item) -> Request:
     raise ValueError(f"a request must be a prompt string, a (prompt, image) tuple or a Request, got {type(item).__name__}")
 
 
-def image_embeddings(requests: list[Request], runner: Runner, timer,
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A request made ready for the engines: its prompt ids (IMAGE_TOKEN_INDEX where an image goes) and its images
+    decoded upright. Preparing is the CPU work before the engines (tokenizing, decoding), so a server can do it
+    on the requests' own threads and leave the engines' thread to the engines."""
+
+    ids: list[int]
+    images: tuple[Image.Image, ...]
+
+    @property
+    def aspect(self) -> str:
+        """One image is tiled (anyres); each of several is padded to one square view, as the official evaluation
+        does (llava_onevision_llada.py:466-468)."""
+        return "pad" if len(self.images) > 1 else "anyres"
+
+
+def prepare(request: Request, tokenizer, has_vision: bool) -> PreparedRequest:
+    """The request's ids and decoded images; ValueError for a bad request, an unreadable or too large image
+    (padded squares included) or images for a text-only model."""
+    if request.images and not has_vision:
+        raise ValueError("this model is text-only: it cannot take images")
+    ids = request_ids(request, tokenizer)
+    images = tuple(load_image(image) for image in request.images)
+    if len(images) > 1:
+        for i, image in enumerate(images):
+            check_padded_square(image.size, f"image {i + 1}")
+    return PreparedRequest(ids, images)
+
+
+def image_embeddings(requests: list[PreparedRequest], runner: Runner, timer,
                      cache: ImageEmbeddingCache | None = None) -> list[list[torch.Tensor]]:
     """Per request, each image's merged embeddings [M, C] (global view, then the unpadded grid with
-    image_newline ending every row). One image is tiled (anyres), each of several is padded to one square
-    view, as the official evaluation does (llava_onevision_llada.py:466-468). The images not in `cache`
-    go through one vision and one projector call (each distinct image once) and are added to it.
-    ValueError for an unreadable image or a text-only model."""
+    image_newline ending every row), tiled in the request's aspect. The images not in `cache` go through one
+    vision and one projector call (each distinct image once) and are added to it."""
     with timer("preprocess"):
         slots, todo = [], {}  # per request the key of each image; key -> (image, aspect) to encode
         found: dict = {}
         for request in requests:
-            if request.images and not runner.config.has_vision:
-                raise ValueError("this model is text-only: it cannot take images")
-            aspect = "pad" if len(request.images) > 1 else "anyres"
+            aspect = request.aspect
             keys = []
             for image in request.images:
-                image = load_image(image)
                 key = len(todo) if cache is None else cache.key(image, aspect)  # without a cache each image is new
                 keys.append(key)
                 if key in todo or key in found:
@@ -172,4 +202,6 @@ def prompt_embeddings(ids: list[int], images: list[torch.Tensor], runner: Runner
 
 
 def request_ids(request: Request, tokenizer) -> list[int]:
+    if request.plain:
+        return plain_ids(tokenizer, request.prompt)
     return conversation_ids(tokenizer, request.messages())

@@ -6,7 +6,9 @@ while others run starts at the next step, not after the batch ends. Requests joi
 settings (the GenerationConfig less the seed: the batch shares block length, steps, cache and the rest,
 each row keeps its own seed), and each group is one Decoder whose step is one denoiser call per kind;
 groups take their steps in turn. A new row takes a finished row's place or the batch is left-padded anew
-(Decoder.admit), so every answer is the one the same request gives alone.
+(Decoder.admit), so every answer is the one the same request gives alone. A request is prepared (tokenized, its
+images decoded) on the thread that submits it, so the worker runs only the engines; a request past its timeout is
+retired from the batch like one whose client went away.
 
     scheduler = Scheduler(pipeline, max_batch=8).start()
     job = scheduler.submit(Request("Hi"), GenerationConfig(gen_length=32), on_event=print)
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -28,7 +31,7 @@ import torch
 from .config import GenerationConfig
 from .decoding import Batch, Decoder, StageTimer, final_prefix, stop_position
 from .pipeline import GenerationResult, Pipeline
-from .prompt import Request
+from .prompt import PreparedRequest, Request
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +44,24 @@ class SchedulerStoppedError(RuntimeError):
     """The scheduler is stopping or stopped: it takes no new requests."""
 
 
+class RequestTimeoutError(RuntimeError):
+    """The request ran past its timeout: it was retired from the batch (nothing else was disturbed)."""
+
+
 @dataclass
 class Event:
-    """What a job reports, on the worker thread: kind "started" (it has a row: its request was good),
-    "tokens" (the answer's final prefix grew: `token_ids`), "done" (`result`) or "error" (`error`, a
-    ValueError for a bad request, anything else for a fault)."""
+    """What a job reports, on the worker thread (or on the submitting thread for a request that cannot be
+    prepared): kind "started" (it has a row: its request was good), "tokens" (the answer's final prefix grew:
+    `token_ids`), "canvas" (a job submitted with canvas=True, after each of its steps: the whole answer,
+    masks included, in `token_ids`, and the steps its row has taken, `step`), "done" (`result`) or "error"
+    (`error`: a ValueError for a bad request, RequestTimeoutError, SchedulerStoppedError, anything else for
+    a fault)."""
 
     kind: str
     token_ids: list[int] | None = None
     result: GenerationResult | None = None
     error: BaseException | None = None
+    step: int | None = None
 
 
 @dataclass(eq=False)  # a job is itself: compared and hashed by identity
@@ -59,6 +70,9 @@ class Job:
     config: GenerationConfig
     on_event: Callable[[Event], None]
     max_tokens: int | None = None  # the answer is cut after this many tokens (None: gen_length)
+    timeout: float | None = None  # seconds from submission, after which it is stopped with RequestTimeoutError
+    canvas: bool = False  # report a "canvas" event after every step
+    prepared: PreparedRequest | None = None
     submitted: float = field(default_factory=time.perf_counter)
     started: float | None = None
     result: GenerationResult | None = None
@@ -77,6 +91,14 @@ class Job:
     @property
     def finished(self) -> bool:
         return self._done.is_set()
+
+    def expired(self, now: float) -> bool:
+        return self.timeout is not None and now - self.submitted > self.timeout
+
+    def _time_out(self) -> None:
+        self._report(Event("error", error=RequestTimeoutError(
+            f"the request ran past its timeout of {self.timeout:g} s and was stopped: ask for fewer tokens or "
+            f"steps, or retry when fewer requests are running")))
 
     def _report(self, event: Event) -> None:
         if event.kind == "done":
@@ -107,7 +129,7 @@ class Scheduler:
         self._waiting: deque[Job] = deque()
         self._wake = threading.Condition()
         self._stopping = False
-        self._abort = False
+        self._drain_until = math.inf  # once stopping: when what is left fails
         self._thread: threading.Thread | None = None
 
     # ---- clients' side (any thread) -----------------------------------------------------------------
@@ -118,36 +140,57 @@ class Scheduler:
         return self
 
     def submit(self, request: Request, config: GenerationConfig,
-               on_event: Callable[[Event], None] = lambda event: None, max_tokens: int | None = None) -> Job:
-        """Queue one request; QueueFullError when max_queue requests already wait."""
+               on_event: Callable[[Event], None] = lambda event: None, max_tokens: int | None = None, *,
+               timeout: float | None = None, canvas: bool = False) -> Job:
+        """Prepare one request on this thread and queue it. QueueFullError when max_queue requests already wait,
+        SchedulerStoppedError once stopping; a request that cannot be prepared (or whose text alone does not fit
+        with the answer) fails at once with an "error" event. timeout: seconds from now after which the request
+        is stopped with RequestTimeoutError; canvas: report "canvas" events."""
         if not isinstance(config, GenerationConfig):
             raise ValueError(f"config must be a GenerationConfig, got {type(config).__name__}")
-        job = Job(request, config, on_event, max_tokens)
+        if timeout is not None and (not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf):
+            raise ValueError(f"timeout must be None or a number of seconds > 0, got {timeout!r}")
+        self.check_room()  # before the preparation, which may cost
+        job = Job(request, config, on_event, max_tokens, timeout, canvas)
+        try:
+            job.prepared = self.pipeline.prepare(request)
+            self.pipeline.check_fits([len(job.prepared.ids)], config)
+        except ValueError as err:
+            job._report(Event("error", error=err))
+            self._count("invalid")
+            return job
         with self._wake:
-            if self._stopping:
-                raise SchedulerStoppedError("the server is shutting down: it takes no new requests")
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFullError(f"{len(self._waiting)} requests are already waiting (max_queue "
-                                     f"{self.max_queue}): retry later")
+            self._check_room()
             self._waiting.append(job)
             self._observe_queue()
             self._wake.notify()
         return job
 
-    def stop(self, timeout: float | None = None) -> None:
-        """Take no new requests, finish the running and waiting ones within `timeout` seconds (None: wait for
-        all), then fail what is left and end the worker."""
+    def check_room(self) -> None:
+        """QueueFullError when max_queue requests wait, SchedulerStoppedError once stopping: what submit would
+        refuse, for a caller to ask before it does work of its own on a request."""
+        with self._wake:
+            self._check_room()
+
+    def _check_room(self) -> None:
+        if self._stopping:
+            raise SchedulerStoppedError("the server is shutting down: it takes no new requests")
+        if len(self._waiting) >= self.max_queue:
+            raise QueueFullError(f"{len(self._waiting)} requests are already waiting (max_queue "
+                                 f"{self.max_queue}): retry later")
+
+    def stop(self, timeout: float | None = None, wait: bool = True) -> None:
+        """Take no new requests; the running and waiting ones go on for up to `timeout` seconds (None: until they
+        finish), then what is left fails with SchedulerStoppedError and the worker ends (a later call can only
+        shorten that time). wait: return once the worker has ended."""
         with self._wake:
             self._stopping = True
+            self._drain_until = min(self._drain_until, math.inf if timeout is None else time.perf_counter() + timeout)
             self._wake.notify()
         if self._thread is None:  # never started: nothing will run what waits
             self._fail_all_left()
             return
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            with self._wake:
-                self._abort = True
-                self._wake.notify()
+        if wait:
             self._thread.join()
 
     @property
@@ -165,8 +208,10 @@ class Scheduler:
             with self._wake:
                 while not self._waiting and not self.groups and not self._stopping:
                     self._wake.wait()
-                if self._abort or (self._stopping and not self._waiting and not self.groups):
+                if self._stopping and (not self._waiting and not self.groups
+                                       or time.perf_counter() >= self._drain_until):
                     break
+                self._expire_waiting()
                 admitted = self._take_admissible()
             try:
                 self._admit(admitted)
@@ -191,6 +236,14 @@ class Scheduler:
         for job in failed:
             job._report(Event("error", error=err))
             self._count("failed")
+
+    def _expire_waiting(self) -> None:
+        now = time.perf_counter()
+        expired = [job for job in self._waiting if not job.cancelled and job.expired(now)]
+        for job in expired:
+            self._waiting.remove(job)
+            job._time_out()
+            self._count("timed_out")
 
     def _take_admissible(self) -> list[Job]:
         admitted = []
@@ -239,19 +292,19 @@ class Scheduler:
         cache = pipeline.image_cache
         lookups = (cache.hits, cache.misses) if cache is not None else None
         try:
-            prompts = pipeline.embed_prompts([job.request for job in admitted], timer)
+            prompts = pipeline.embed_prompts([job.prepared for job in admitted], timer)
         except ValueError:  # one of them is bad: find which, each on its own
             prompts = []
             for job in admitted:
                 try:
-                    prompts += pipeline.embed_prompts([job.request], timer)
+                    prompts += pipeline.embed_prompts([job.prepared], timer)
                 except ValueError as err:
                     prompts.append(err)
         checked = []
         for job, prompt in zip(admitted, prompts):
             if not isinstance(prompt, ValueError):
                 try:
-                    pipeline.check_fits([prompt], job.config)
+                    pipeline.check_fits([len(prompt)], job.config)
                 except ValueError as err:
                     prompt = err
             checked.append(prompt)
@@ -260,11 +313,16 @@ class Scheduler:
         return checked
 
     def _step(self, key: GenerationConfig) -> None:
-        decoder = self.groups[key]
-        cancelled = [r for r, job in jobs(decoder) if job.cancelled]
-        for r in cancelled:
-            decoder.tags[r]._done.set()
-        self._retire(key, cancelled, "cancelled")
+        decoder, now = self.groups[key], time.perf_counter()
+        leaving = {}
+        for r, job in jobs(decoder):
+            if job.cancelled:
+                job._done.set()
+                leaving[r] = "cancelled"
+            elif job.expired(now):
+                job._time_out()
+                leaving[r] = "timed_out"
+        self._retire(key, leaving)
         if key not in self.groups:
             return
         mask, metrics = self.pipeline.special.mask, self.metrics
@@ -276,23 +334,28 @@ class Scheduler:
             calls = {kind: decoder.counts[kind] - before[kind] for kind in ("full_forwards", "cached_forwards")}
             committed = masked - sum(a.count(mask) for a in decoder.answers)
             metrics.stepped(time.perf_counter() - start, calls, committed)
-        finished = []
+        finished = {}
         for r, job in jobs(decoder):
+            if job.canvas:
+                state = decoder.rows[r]
+                job._report(Event("canvas", token_ids=decoder.answers[r][:job.max_tokens],
+                                  step=state.full_forwards + state.cached_forwards))  # one call per step per row
             if decoder.rows[r].done:
                 job._report(Event("done", result=self._result(job, decoder, r)))
-                finished.append(r)
+                finished[r] = "completed"
             else:
                 self._report_prefix(job, decoder.answers[r])
-        self._retire(key, finished, "completed")
+        self._retire(key, finished)
 
-    def _retire(self, key: GenerationConfig, rows: list[int], outcome: str) -> None:
-        if not rows:
+    def _retire(self, key: GenerationConfig, outcomes: dict[int, str]) -> None:
+        """Free the rows (row -> outcome) of a group in one go (retiring may renumber the rest)."""
+        if not outcomes:
             return
         decoder = self.groups[key]
-        decoder.retire(rows)
+        decoder.retire(list(outcomes))
         if not jobs(decoder):
             del self.groups[key]
-        for _ in rows:
+        for outcome in outcomes.values():
             self._count(outcome)
 
     def _count(self, outcome: str) -> None:

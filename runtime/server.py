@@ -1,56 +1,64 @@
 """An OpenAI-compatible HTTP server over the Scheduler (FastAPI; uvicorn runs it, or Ray Serve replicas).
 
-    python -m runtime serve --engines engines            # then POST /v1/chat/completions
+    python -m runtime serve --engines engines            # then POST /v1/chat/completions, or open http://127.0.0.1:8000/
 
 POST /v1/chat/completions takes OpenAI's chat format (text and `image_url` data-URL parts, `max_tokens`,
-`temperature`, `seed`, `stream`) and the diffusion settings as extra body fields; GET /v1/models,
-GET /health (503 until the engines are loaded) and GET /metrics (Prometheus). Errors are OpenAI's error
-JSON. The server never fetches a URL; local image paths only under --allow-local-images DIR.
+`temperature`, `seed`, `stream`) and POST /v1/completions a plain prompt, both with the diffusion settings as extra
+body fields; GET /v1/models, GET /health (503 until the engines are loaded), GET /metrics (Prometheus) and GET /
+(the playground). Errors are OpenAI's error JSON. The server never fetches a URL; local image paths only under
+--allow-local-images DIR. Every request is held to the limits (limits.py) before the work they bound.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import json
 import logging
 import math
 import os
 import socket
 import threading
-import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
 
+import anyio
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.middleware.trustedhost import TrustedHostMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from llada_v.image_processing import ImageTooLargeError, load_image
-from llada_v.tokenizer import with_image_placeholders
-
-from .config import CACHE_MODES, REMASKING, GenerationConfig
+from . import playground
+from .auth import ApiKeyCheck
+from .canvas import Canvas
+from .config import BACKENDS, GenerationConfig
+from .errors import APIError, internal_error
+from .limits import ConcurrencyLimit, PixelBudget, ServerLimits
 from .metrics import ServerMetrics
-from .pipeline import BACKENDS, Pipeline, PromptTooLongError
-from .prompt import Request
-from .scheduler import Event, QueueFullError, Scheduler, SchedulerStoppedError
+from .openai_inputs import ImageReader, chat_request, conversation, plain_prompt, text_request
+from .pipeline import Pipeline
+from .responses import Completion
+from .scheduler import QueueFullError, Scheduler, SchedulerStoppedError
+from .schemas import ChatCompletionRequest, CompletionRequest, CompletionSettings
 
 log = logging.getLogger("runtime.server")
 REPLICA_ID = f"{socket.gethostname()}-{os.getpid()}"
+PREPARE_THREADS = min(4, os.cpu_count() or 1)  # requests decoded and tokenized at once, off the engines' thread
+DOCS_PATHS = ("/docs", "/docs/*", "/redoc", "/openapi.json")
 
 
 @dataclass(frozen=True)
 class ServerSettings:
     """What `python -m runtime serve` is given. defaults: the settings of a request that names none
-    (max_tokens -> gen_length); max_body_mb: a request body; max_image_mb: one image's encoded bytes."""
+    (max_tokens -> gen_length); max_body_mb: a request body; max_image_mb: one image's encoded bytes;
+    api_keys: Bearer keys every path but /health, /metrics (unless protect_metrics) and the playground needs
+    (none: open to anyone who reaches the port); allowed_origins: web origins that may call it (CORS);
+    allowed_hosts: Host headers it answers (None: any); docs: serve /docs, /redoc and /openapi.json;
+    playground: serve the page at /; limits: what one request may cost (limits.py)."""
 
     engines: str
     backend: str = "onnxruntime"
@@ -64,6 +72,13 @@ class ServerSettings:
     model_name: str | None = None
     defaults: GenerationConfig = field(default_factory=lambda: GenerationConfig(gen_length=64, block_length=32))
     load_in_background: bool = True  # False: the app's startup waits for the engines (Ray Serve replicas)
+    api_keys: tuple[str, ...] = ()
+    protect_metrics: bool = False
+    allowed_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] | None = None
+    docs: bool = False
+    playground: bool = True
+    limits: ServerLimits = field(default_factory=ServerLimits)
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -75,105 +90,27 @@ class ServerSettings:
                 raise ValueError(f"{name} must be a number of MB {'>= 0' if zero_ok else '> 0'}, got {value!r}")
         if self.allow_local_images is not None and not Path(self.allow_local_images).is_dir():
             raise ValueError(f"--allow-local-images {self.allow_local_images}: not a folder")
+        if self.protect_metrics and not self.api_keys:
+            raise ValueError("--protect-metrics needs an API key (--api-key)")
 
     @property
     def name(self) -> str:
         return self.model_name or Path(self.engines).resolve().name
 
-
-# ---- the OpenAI request body ----------------------------------------------------------------------------
-
-class ImageURL(BaseModel):
-    url: str
-    detail: str | None = None
-
-
-class ContentPart(BaseModel):
-    type: Literal["text", "image_url"]
-    text: str | None = None
-    image_url: ImageURL | None = None
-
-
-class Message(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str | list[ContentPart]
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class ChatCompletionRequest(BaseModel):
-    """Known fields are type-checked strictly (a string is not a number); fields OpenAI defines that do not
-    apply to a diffusion model (top_p, presence_penalty, user, ...) are accepted and ignored."""
-
-    model_config = ConfigDict(strict=True, extra="ignore")
-
-    messages: list[Message] = Field(min_length=1)
-    model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0)
-    seed: int | None = Field(None, ge=0, lt=2**64)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: int = 1
-    # The diffusion settings (the `openai` client's extra_body).
-    block_length: int | None = Field(None, ge=1)
-    steps: int | None = Field(None, ge=1)
-    cache: Literal[CACHE_MODES] | None = None  # type: ignore[valid-type]
-    refresh_interval: int | None = Field(None, ge=1)
-    threshold: float | None = Field(None, gt=0, le=1)
-    remasking: Literal[REMASKING] | None = None  # type: ignore[valid-type]
-
-
-class APIError(Exception):
-    """An error answered as OpenAI's {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 headers: dict | None = None, counted: bool = False):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
-        self.counted = counted  # the scheduler has counted this request's outcome already
-
     @property
-    def type(self) -> str:
-        if self.status >= 500:
-            return "server_error" if self.status == 500 else "service_unavailable"
-        return {401: "authentication_error", 404: "not_found_error", 413: "request_too_large"}.get(
-            self.status, "invalid_request_error")
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+    def open_paths(self) -> tuple[str, ...]:
+        """The paths that need no API key."""
+        return ("/health", *(() if self.protect_metrics else ("/metrics",)),
+                *(playground.PATHS if self.playground else ()), *(DOCS_PATHS if self.docs else ()))
 
 
-def job_error(err: BaseException) -> APIError:
-    """The APIError for what a job reported (the scheduler has counted its outcome)."""
-    if isinstance(err, ImageTooLargeError):
-        error = APIError(413, str(err), "messages", "image_too_large")
-    elif isinstance(err, PromptTooLongError):
-        error = APIError(400, str(err), "messages", "context_length_exceeded")
-    elif isinstance(err, ValueError):
-        error = APIError(400, str(err), None, "invalid_request")
-    elif isinstance(err, SchedulerStoppedError):
-        error = APIError(503, str(err), None, "shutting_down", {"Retry-After": "5"})
-    else:
-        error = APIError(500, f"the engines failed on this request ({type(err).__name__}: {err})", None,
-                         "engine_error")
-    error.counted = True
-    return error
+# ---- from the body to a GenerationConfig --------------------------------------------------------------------------
 
-
-# ---- from the body to a Request and a GenerationConfig ----------------------------------------------------
-
-def generation_config(body: ChatCompletionRequest, defaults: GenerationConfig) -> tuple[GenerationConfig, int]:
+def generation_config(body: CompletionSettings, defaults: GenerationConfig) -> tuple[GenerationConfig, int]:
     """The request's GenerationConfig and max_tokens. gen_length is max_tokens rounded up to a whole number of
     blocks (block_length is cut to max_tokens when that is shorter and the request names no block length);
     steps, when not given, keep the defaults' tokens per step; the answer is cut at max_tokens."""
-    max_tokens = body.max_tokens or body.max_completion_tokens or defaults.gen_length
+    max_tokens = body.token_limit or defaults.gen_length
     block = body.block_length or min(defaults.block_length, max_tokens)
     blocks = -(-max_tokens // block)
     gen_length = blocks * block
@@ -194,95 +131,6 @@ def generation_config(body: ChatCompletionRequest, defaults: GenerationConfig) -
         raise APIError(400, f"impossible generation settings: {err}", None, "invalid_settings") from err
 
 
-class ImageReader:
-    """Turns an image_url into a decoded image: data URLs, and paths under `root` when the operator allows it."""
-
-    def __init__(self, max_bytes: int, root: str | None):
-        self.max_bytes = max_bytes
-        self.root = None if root is None else Path(root).resolve()
-
-    def read(self, url: str):
-        if url.startswith("data:"):
-            header, _, payload = url.partition(",")
-            if not header.endswith(";base64") or not payload:
-                raise APIError(400, "an image data URL must be data:image/<type>;base64,<data>", "messages",
-                               "invalid_image_url")
-            if len(payload) * 3 // 4 > self.max_bytes:
-                raise APIError(413, f"an image is larger than the server's limit of {self.max_bytes} bytes", "messages",
-                               "image_too_large")
-            try:
-                data = base64.b64decode(payload, validate=True)
-            except (binascii.Error, ValueError) as err:
-                raise APIError(400, f"an image data URL is not valid base64 ({err})", "messages", "invalid_image_url")
-            return self._decode(data)
-        if url.startswith(("http://", "https://")):
-            raise APIError(400, "this server never fetches URLs: send the image as a data URL "
-                                "(data:image/png;base64,...)", "messages", "remote_image_refused")
-        return self._decode(self._local_file(url))
-
-    def _local_file(self, url: str) -> bytes:
-        if self.root is None:
-            raise APIError(400, "local image paths are refused (the operator can allow a folder with "
-                                "--allow-local-images DIR): send the image as a data URL", "messages",
-                           "local_image_refused")
-        path = Path(url.removeprefix("file://"))
-        resolved = (path if path.is_absolute() else self.root / path).resolve()
-        if not resolved.is_relative_to(self.root):
-            raise APIError(400, f"image path {url} is outside the allowed folder", "messages", "local_image_refused")
-        if not resolved.is_file():
-            raise APIError(400, f"image path {url} is not a file under the allowed folder", "messages",
-                           "image_not_found")
-        if resolved.stat().st_size > self.max_bytes:
-            raise APIError(413, f"image {url} is larger than the server's limit of {self.max_bytes} bytes", "messages",
-                           "image_too_large")
-        return resolved.read_bytes()
-
-    @staticmethod
-    def _decode(data: bytes):
-        try:
-            return load_image(data)
-        except ImageTooLargeError as err:
-            raise APIError(413, str(err), "messages", "image_too_large") from err
-        except ValueError as err:
-            raise APIError(400, str(err), "messages", "invalid_image") from err
-
-
-def conversation(body: ChatCompletionRequest, images: ImageReader) -> Request:
-    """The messages as a conversation with `<image>` placeholders, and the decoded images in order.
-
-    A message's image parts go before its text, as LLaDA-V was trained ("<image>\\nquestion"), whatever
-    their order among the parts, unless the text places them with `<image>` itself.
-    """
-    messages, decoded = [], []
-    for i, message in enumerate(body.messages):
-        if isinstance(message.content, str):
-            messages.append({"role": message.role, "content": message.content})
-            continue
-        texts, urls = [], []
-        for j, part in enumerate(message.content):
-            if part.type == "text":
-                if part.text is None:
-                    raise APIError(400, "a text part needs its text", f"messages[{i}].content[{j}].text")
-                texts.append(part.text)
-            else:
-                if part.image_url is None:
-                    raise APIError(400, "an image_url part needs its image_url", f"messages[{i}].content[{j}]")
-                urls.append(part.image_url.url)
-        if urls and message.role != "user":
-            raise APIError(400, "only user messages can hold images", f"messages[{i}].content")
-        text = "\n".join(texts)
-        if urls and "<image>" not in text:
-            text = with_image_placeholders(text, len(urls))
-        messages.append({"role": message.role, "content": text})
-        decoded += [images.read(url) for url in urls]
-    try:
-        request = Request(messages, decoded or None)
-        request.messages()  # placeholders against images, roles, the last turn: checked before queueing
-        return request
-    except ValueError as err:
-        raise APIError(400, str(err), "messages", "invalid_request") from err
-
-
 # ---- the app ---------------------------------------------------------------------------------------------------
 
 class BodyLimit:
@@ -298,7 +146,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._refuse(send)
+            return await self._refuse(scope, send)
         seen, too_large = 0, False
 
         async def limited_receive():
@@ -323,15 +171,12 @@ class BodyLimit:
             if not too_large:
                 raise
         if too_large:
-            await self._refuse(send)
+            await self._refuse(scope, send)
 
-    async def _refuse(self, send):
-        body = json.dumps({"error": {"message": f"the request body is larger than the server's limit of "
-                                                f"{self.max_bytes} bytes", "type": "request_too_large",
-                                     "param": None, "code": "body_too_large"}}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+    async def _refuse(self, scope, send):
+        refusal = APIError(413, f"the request body is larger than the server's limit of {self.max_bytes} bytes "
+                                f"(--max-body-mb)", None, "body_too_large")
+        await refusal.response()(scope, None, send)
 
 
 class ReplicaHeader:
@@ -362,6 +207,7 @@ class Engine:
         self.pipeline: Pipeline | None = None
         self.scheduler: Scheduler | None = None
         self.failure: str | None = None
+        self.preparing: anyio.CapacityLimiter | None = None  # made in the app's event loop
 
     def load(self) -> None:
         s = self.settings
@@ -374,6 +220,17 @@ class Engine:
             log.error("cannot load the engines: %s", self.failure)
             raise
 
+    def ready(self) -> Scheduler:
+        if self.scheduler is None:
+            raise APIError(503, "the engines are still loading" if self.failure is None else
+                           f"the engines failed to load: {self.failure}", None, "not_ready", {"Retry-After": "5"})
+        return self.scheduler
+
+    def begin_stop(self, seconds: float) -> None:
+        """Take no new requests; those running get `seconds` to finish, then fail (answered with an error)."""
+        if self.scheduler is not None:
+            self.scheduler.stop(seconds, wait=False)
+
     def close(self, timeout: float | None) -> None:
         if self.scheduler is not None:
             self.scheduler.stop(timeout)
@@ -381,14 +238,22 @@ class Engine:
             self.pipeline.close()
 
 
+def scheduler_refusal(err: Exception) -> APIError:
+    if isinstance(err, QueueFullError):
+        return APIError(503, str(err), None, "queue_full", {"Retry-After": "1"})
+    return APIError(503, str(err), None, "shutting_down", {"Retry-After": "5"})
+
+
 def create_app(settings: ServerSettings, *, on_load_failure=None, shutdown_timeout: float = 30.0) -> FastAPI:
     """The FastAPI app. on_load_failure(): called when loading in the background fails (the CLI exits)."""
     metrics = ServerMetrics()
     engine = Engine(settings, metrics)
     images = ImageReader(int(settings.max_image_mb * 2**20), settings.allow_local_images)
+    limits, budget = settings.limits, PixelBudget(settings.limits.max_megapixels_in_flight)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        engine.preparing = anyio.CapacityLimiter(PREPARE_THREADS)
         if settings.load_in_background:
             def load():
                 try:
@@ -402,10 +267,23 @@ def create_app(settings: ServerSettings, *, on_load_failure=None, shutdown_timeo
         yield
         await run_in_threadpool(engine.close, shutdown_timeout)
 
-    app = FastAPI(title="LLaDA-V", lifespan=lifespan)
+    docs = {} if settings.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="LLaDA-V", lifespan=lifespan, **docs)
     app.state.engine = engine
+    # Added innermost first: a request meets the replica header, the limit on requests in progress, the Host check,
+    # CORS, the key, then the body limit.
     app.add_middleware(BodyLimit, max_bytes=int(settings.max_body_mb * 2**20))
+    if settings.api_keys:
+        app.add_middleware(ApiKeyCheck, keys=settings.api_keys, open_paths=settings.open_paths)
+    if settings.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["authorization", "content-type"])
+    if settings.allowed_hosts is not None:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(settings.allowed_hosts))
+    app.add_middleware(ConcurrencyLimit, limit=limits.max_concurrent_requests)
     app.add_middleware(ReplicaHeader)
+    if settings.playground:
+        playground.add_playground(app)
 
     @app.exception_handler(APIError)
     async def api_error(request, err: APIError):
@@ -430,10 +308,11 @@ def create_app(settings: ServerSettings, *, on_load_failure=None, shutdown_timeo
 
     @app.exception_handler(Exception)
     async def unexpected_error(request, err: Exception):
-        log.exception("unexpected error")
+        request_id = f"req-{uuid.uuid4().hex}"
+        log.error("internal error in request %s (%s %s)", request_id, request.method, request.url.path,
+                  exc_info=err)
         metrics.finished("failed")
-        return APIError(500, f"the server failed on this request ({type(err).__name__}: {err})", None,
-                        "server_error").response()
+        return internal_error(request_id).response()
 
     @app.get("/health")
     async def health():
@@ -453,110 +332,80 @@ def create_app(settings: ServerSettings, *, on_load_failure=None, shutdown_timeo
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):
-        scheduler = engine.scheduler
-        if scheduler is None:
-            raise APIError(503, "the engines are still loading" if engine.failure is None else
-                           f"the engines failed to load: {engine.failure}", None, "not_ready", {"Retry-After": "5"})
+        messages, urls = conversation(body)
+        limits.check_prompt(sum(len(m["content"]) for m in messages), len(urls))
+        return await complete("chat", body, http, lambda decoded: chat_request(messages, decoded), urls)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, http: HTTPRequest):
+        prompt = plain_prompt(body)
+        limits.check_prompt(len(prompt), 0)
+        return await complete("text", body, http, lambda decoded: text_request(prompt), [])
+
+    async def complete(kind: str, body: CompletionSettings, http: HTTPRequest, make_request, urls: list[str]):
+        """Admit one request (its limits, the queue's room, its images' pixels) before the work they bound, prepare
+        it on a preparation thread, then answer from its events."""
+        scheduler = engine.ready()
         if body.n != 1:
             raise APIError(400, "n must be 1: a request gives one answer (send several requests with other seeds)",
                            "n", "unsupported")
+        if body.stream_canvas and not body.stream:
+            raise APIError(400, "stream_canvas adds every step's canvas to a stream: use it with stream: true",
+                           "stream_canvas", "unsupported")
         config, max_tokens = generation_config(body, settings.defaults)
-        request = await run_in_threadpool(conversation, body, images)
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        limits.check_generation(config)
         try:
-            job = scheduler.submit(request, config, lambda e: loop.call_soon_threadsafe(events.put_nowait, e),
-                                   max_tokens)
-        except QueueFullError as err:
-            raise APIError(503, str(err), None, "queue_full", {"Retry-After": "1"}) from err
-        except SchedulerStoppedError as err:
-            raise APIError(503, str(err), None, "shutting_down", {"Retry-After": "5"}) from err
-        completion = Completion(settings.name, job, events, engine.pipeline.tokenizer)
+            scheduler.check_room()
+        except (QueueFullError, SchedulerStoppedError) as err:
+            raise scheduler_refusal(err) from err
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        reservation = None
+
+        def on_event(event):  # on the worker thread
+            if event.kind in ("done", "error") and reservation is not None:
+                reservation.release()
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        def submit():  # on a preparation thread: read the images' sizes, take their pixels, decode, tokenize
+            nonlocal reservation
+            encoded = [images.encoded(url) for url in urls]
+            reservation = budget.reserve(limits.image_pixels([images.size(data) for data in encoded]))
+            try:
+                request = make_request([images.decode(data) for data in encoded])
+                return scheduler.submit(request, config, on_event, max_tokens, timeout=limits.request_timeout,
+                                        canvas=body.stream_canvas)
+            except (QueueFullError, SchedulerStoppedError) as err:
+                reservation.release()
+                raise scheduler_refusal(err) from err
+            except BaseException:
+                reservation.release()
+                raise
+
+        job = await anyio.to_thread.run_sync(submit, limiter=engine.preparing)
+        tokenizer = engine.pipeline.tokenizer
+        completion = Completion(kind, settings.name, job, events, tokenizer,
+                                Canvas(tokenizer, engine.pipeline.special) if body.stream_canvas else None,
+                                on_close=reservation.release)
+        streaming = False
         try:
             first = await completion.next_event(http)  # "started" once it has a row, or "error"
-        except BaseException:
-            job.cancel()
-            raise
-        if first is None:  # the client went away
-            job.cancel()
-            return Response(status_code=499)
-        if first.kind == "error":
-            raise job_error(first.error)
-        if body.stream:
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(completion.chunks(first, include_usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        event = first
-        while event.kind != "done":
-            event = await completion.next_event(http)
-            if event is None:
-                job.cancel()
+            if first is None:  # the client went away
                 return Response(status_code=499)
-            if event.kind == "error":
-                raise job_error(event.error)
-        return completion.response(event.result)
+            if first.kind == "error":
+                raise completion.error(first)
+            if body.stream:
+                include_usage = body.stream_options is not None and body.stream_options.include_usage
+                streaming = True
+                return StreamingResponse(completion.chunks(first, include_usage), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            final = await completion.final_event(first, http)
+            if final is None:
+                return Response(status_code=499)
+            if final.kind == "error":
+                raise completion.error(final)
+            return completion.response(final.result)
+        finally:
+            if not streaming:  # a stream closes itself when it ends
+                completion.close()
 
     return app
-
-
-class Completion:
-    """One request's events turned into a chat.completion, or chat.completion.chunk server-sent events."""
-
-    def __init__(self, model: str, job, events: asyncio.Queue, tokenizer):
-        self.model, self.job, self.events, self.tokenizer = model, job, events, tokenizer
-        self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-
-    async def next_event(self, http: HTTPRequest | None) -> Event | None:
-        """The next event; None when the client disconnected first (checked every 0.25 s)."""
-        while True:
-            try:
-                return await asyncio.wait_for(self.events.get(), 0.25)
-            except asyncio.TimeoutError:
-                if http is not None and await http.is_disconnected():
-                    return None
-
-    def response(self, result) -> dict:
-        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                             "finish_reason": result.stats["finish_reason"], "logprobs": None}],
-                "usage": usage(result), "llada": result.stats}
-
-    def _chunk(self, delta: dict, finish_reason: str | None = None, **extra) -> str:
-        chunk = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}], **extra}
-        return f"data: {json.dumps(chunk)}\n\n"
-
-    async def chunks(self, event: Event, include_usage: bool):
-        """The answer's final prefix as it grows: each chunk adds text, none takes any back. A tokens event
-        is shown up to its last whole character (a token can end inside a UTF-8 sequence)."""
-        shown = ""
-        try:
-            yield self._chunk({"role": "assistant", "content": ""})
-            while True:
-                if event.kind == "tokens":
-                    text = self.tokenizer.decode(event.token_ids, skip_special_tokens=True).rstrip("\ufffd")
-                    if text.startswith(shown) and len(text) > len(shown):
-                        yield self._chunk({"content": text[len(shown):]})
-                        shown = text
-                elif event.kind == "done":
-                    result = event.result
-                    rest = result.text[len(shown):] if result.text.startswith(shown) else ""
-                    if rest:
-                        yield self._chunk({"content": rest})
-                    yield self._chunk({}, result.stats["finish_reason"], llada=result.stats)
-                    if include_usage:
-                        chunk = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                                 "model": self.model, "choices": [], "usage": usage(result)}
-                        yield f"data: {json.dumps(chunk)}\n\n"
-                    break
-                elif event.kind == "error":  # the engines failed after the response started: the last event
-                    yield f"data: {json.dumps(job_error(event.error).body())}\n\n"
-                    break
-                event = await self.next_event(None)
-            yield "data: [DONE]\n\n"
-        finally:
-            self.job.cancel()  # a no-op once it finished; frees the row of a client that went away
-
-
-def usage(result) -> dict:
-    prompt, completion = result.stats["prompt_length"], len(result.token_ids)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}

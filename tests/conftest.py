@@ -85,3 +85,33 @@ def no_eot_model_dir(tmp_path_factory):
         model.denoiser.lm_head.weight[eot, channel] = -1000.0
     llada_v.save_model(model, folder, tokenizer_folder=llada_v.SHIPPED_MODEL_DIR)
     return folder
+
+
+@pytest.fixture(scope="session")
+def interrupted_while_importing():
+    """run(command): start a Python CLI, send it SIGINT once it is importing torch (its libraries mapped in /proc),
+    and return its exit status and stderr."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def run(command: list[str]) -> tuple[int, str]:
+        process = subprocess.Popen([sys.executable, *command], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                   text=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                maps = Path(f"/proc/{process.pid}/maps").read_text()
+            except OSError:
+                maps = ""
+            if "libtorch" in maps:
+                process.send_signal(signal.SIGINT)
+                break
+            time.sleep(0.005)
+        else:
+            process.kill()
+            raise AssertionError(f"{command} never imported torch: {process.communicate()[1]}")
+        return process.wait(60), process.stderr.read()
+
+    return run

@@ -205,3 +205,23 @@ def test_gpu_check_says_there_is_no_gpu_and_its_harness_runs_on_the_cpu(tmp_path
     for timing in report["speed"]["passes"].values():
         assert timing["ms_per_layer"] > 0 and timing["weight_read_floor_ms_per_layer"] > 0
     assert "| pass | ms per layer |" in capsys.readouterr().out
+
+
+def test_hostile_load_measures_a_client_alone_and_under_attack(engines_dir, tmp_path, capsys):
+    from benchmarks import hostile_load
+
+    assert hostile_load.main(["--engines", str(engines_dir), "--requests", "3", "--gen-length", "8", "--half-open",
+                              "20", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "hostile_load.json").read_text())
+    assert list(report["phases"]) == ["alone", "refused", "crowded"]
+    assert report["same_answers"] == {"alone": 3, "refused": 3, "crowded": 3}
+    assert report["healthy_after"] and report["server_log_tracebacks"] == 0 and report["server_peak_rss_mb"] > 0
+    expected = {"steps 1e10": {"400"}, "padded-square bomb": {"413"}, "20 images of 8192x8192": {"400"},
+                "16 MB prompt": {"400"}, "no key": {"401"}, "1 MB header": {"400", "ReadError", "RemoteProtocolError"},
+                "1600x1200 image requests (valid)": {"200", "503"}, "half-open connections": {"closed by the server"}}
+    for phase in ("refused", "crowded"):
+        replies = report["hostile_replies"][phase]
+        assert {"steps 1e10", "no key"} <= set(replies)
+        for attack, counts in replies.items():
+            assert set(counts) <= expected[attack], (phase, attack, counts)
+    assert "| under pathological attack |" in capsys.readouterr().out

@@ -327,6 +327,12 @@ def test_interrupt_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_ctrl_c_while_importing_is_one_line(interrupted_while_importing, tmp_path):
+    status, stderr = interrupted_while_importing(["-m", "exporter", "build", "--out", str(tmp_path / "engines")])
+    assert (status, stderr) == (130, "error: interrupted: nothing was written\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("failure, exit_code, message", [
     (KeyboardInterrupt, 130, "interrupted: nothing was written"),
     (MemoryError, 2, "ran out of memory building the engines of .*GB of memory.*nothing was written"),

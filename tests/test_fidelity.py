@@ -210,10 +210,13 @@ def test_certain_end_of_text_is_ordered_as_the_official_float64_softmax(released
 
 
 def test_a_block_ends_when_its_masks_run_out(released, official_model):
-    settings = dict(gen_length=8, block_length=4, steps=16)  # 8 steps for 4 masks per block
-    expected, nfe = official.generate(official_model, QUESTION, **settings)
-    result = Pipeline.load(released, "torch").generate(QUESTION, config=GenerationConfig(**settings))
+    # 8 steps for 4 masks per block: the official loop leaves each block after its 4th step, so the answer and the
+    # denoiser calls are those of steps = gen_length, which GenerationConfig makes the most it takes.
+    expected, nfe = official.generate(official_model, QUESTION, gen_length=8, block_length=4, steps=16)
+    result = Pipeline.load(released, "torch").generate(QUESTION, config=GenerationConfig(gen_length=8, block_length=4))
     assert nfe == 8 and result.stats["nfe"] == nfe and result.token_ids == expected
+    with pytest.raises(ValueError, match="use steps <= gen_length"):
+        GenerationConfig(gen_length=8, block_length=4, steps=16)
 
 
 # ---- 4 and 5. image modes, several images ------------------------------------------------------------------

@@ -131,7 +131,7 @@ def official_generate(model, prompt_embeds, special, steps, gen_length, block_le
     ("What shape is left of the circle?", [0], dict(steps=16)),
     ("Describe both.", [1, 2], dict(steps=16, temperature=0.8, seed=5)),
     ("What colour is the square?", [3], dict(steps=16, remasking="random", seed=2)),
-    ("What colour is the square?", [], dict(steps=24, temperature=0.5, remasking="random")),  # 12 steps for 8 masks
+    ("What colour is the square?", [], dict(steps=8, temperature=0.5, remasking="random")),
 ])
 def test_official_loop_equals_uncached(shipped_model, torch_pipe, prompt, images, settings):
     tokenizer = load_tokenizer(SHIPPED)
@@ -544,6 +544,39 @@ def test_cli_interrupt_and_closed_stdout(engines_dir, capsys, monkeypatch):
     assert main(args) == 130
     assert capsys.readouterr().err == "interrupted\n"
     monkeypatch.undo()
+
+
+def test_cli_ctrl_c_while_importing_is_one_line(interrupted_while_importing, engines_dir):
+    status, stderr = interrupted_while_importing(["-m", "runtime", "generate", "--engines", str(engines_dir),
+                                                  "--prompt", "Hi"])
+    assert (status, stderr) == (130, "interrupted\n")
+
+
+def test_cli_refuses_engines_whose_weights_point_outside_the_folder(engines_dir, tmp_path, capsys):
+    import shutil
+
+    import onnx
+
+    folder = tmp_path / "engines"
+    shutil.copytree(engines_dir, folder)
+    graph_file = folder / "denoiser.onnx"
+    onnx.save(onnx.load(str(graph_file)), str(graph_file), save_as_external_data=True, location="denoiser.data",
+              size_threshold=0)
+    (folder / "denoiser.data").rename(tmp_path / "elsewhere.data")  # beside the folder, and named from inside it
+    model = onnx.load(str(graph_file), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../elsewhere.data"
+    graph_file.write_bytes(model.SerializeToString())
+    assert main(["generate", "--engines", str(folder), "--prompt", "Hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'../elsewhere.data', which is not a file inside" in err
+
+
+def test_load_without_a_path_is_a_value_error():
+    with pytest.raises(ValueError, match="path must be an engines folder .* got None"):
+        Pipeline.load(None)
 
 
 def test_cli_output_to_a_closed_pipe_exits_quietly(engines_dir):

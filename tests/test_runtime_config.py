@@ -22,6 +22,8 @@ def test_steps_default_follows_gen_length():
     (dict(gen_length=100, block_length=32), "not a multiple of block_length"),
     (dict(gen_length=64, block_length=16, steps=6), "multiple of the number of blocks 4"),
     (dict(steps=0), "positive multiple"),
+    (dict(gen_length=64, block_length=16, steps=128), "steps 128 is more than gen_length 64"),
+    (dict(steps=10**10), "steps beyond gen_length never run"),  # no list of 10**10 per-step counts is built
     (dict(gen_length=0), "gen_length and block_length must be >= 1"),
     (dict(block_length=-32), "gen_length and block_length must be >= 1"),
     (dict(refresh_interval=0), "refresh_interval must be >= 1"),

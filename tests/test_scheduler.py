@@ -2,6 +2,7 @@
 answer equals its request run alone, with rows joining and leaving between steps."""
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from runtime import GenerationConfig, Pipeline, Request
 from runtime.decoding import Batch, Decoder, StageTimer
 from runtime.image_cache import ImageEmbeddingCache
 from runtime.metrics import ServerMetrics
-from runtime.scheduler import QueueFullError, Scheduler, SchedulerStoppedError
+from runtime.scheduler import QueueFullError, RequestTimeoutError, Scheduler, SchedulerStoppedError
 
 
 @pytest.fixture(scope="module")
@@ -285,3 +286,83 @@ def test_max_batch_is_clamped_to_what_the_engines_take(engines_dir, caplog):
     assert scheduler.max_batch == 2
     assert "max_batch 8 is more rows than these engines take in one call (2" in caplog.text
     assert Scheduler(pipe, max_batch=1).max_batch == 1
+
+
+# ---- preparation off the worker, timeouts, draining, the canvas --------------------------------------------------
+
+def test_a_request_is_prepared_on_the_thread_that_submits_it(long_pipe, monkeypatch):
+    """A slow preparation (a huge prompt to tokenize, images to decode) holds its own thread, not the batch."""
+    real_prepare, release = long_pipe.prepare, threading.Event()
+
+    def slow_prepare(request):
+        if request.prompt == "slow":
+            assert threading.current_thread().name != "llada-v-scheduler"
+            release.wait(30)
+        return real_prepare(request)
+
+    monkeypatch.setattr(long_pipe, "prepare", slow_prepare)
+    scheduler = Scheduler(long_pipe, max_batch=2).start()
+    steps = []
+    try:
+        running = scheduler.submit(Request("Hi"), GenerationConfig(gen_length=64, block_length=8, steps=64),
+                                   lambda e: e.kind == "canvas" and steps.append(e.step), canvas=True)
+        submitter = threading.Thread(target=scheduler.submit, args=(Request("slow"), GenerationConfig(gen_length=8,
+                                                                                                  block_length=8)))
+        submitter.start()
+        assert running.wait(60) and running.result is not None  # all 64 steps ran while "slow" was being prepared
+        assert steps == list(range(1, 65)) and submitter.is_alive()
+        release.set()
+        submitter.join(30)
+    finally:
+        release.set()
+        scheduler.stop()
+
+
+def test_a_request_past_its_timeout_is_retired_and_the_others_go_on(long_pipe):
+    metrics = ServerMetrics()
+    scheduler = Scheduler(long_pipe, max_batch=2, metrics=metrics).start()
+    cfg = GenerationConfig(gen_length=16, block_length=8, steps=16)
+    try:
+        slow = scheduler.submit(Request("Go on"), GenerationConfig(gen_length=1024, block_length=8, steps=1024),
+                                timeout=0.5)
+        quick = scheduler.submit(Request("Hi"), cfg)
+        assert slow.wait(60) and quick.wait(60)
+    finally:
+        scheduler.stop()
+    assert isinstance(slow.error, RequestTimeoutError) and "timeout of 0.5 s" in str(slow.error)
+    assert quick.result.token_ids == long_pipe.generate("Hi", config=cfg).token_ids
+    assert metrics.requests.labels("timed_out")._value.get() == 1
+    with pytest.raises(ValueError, match="timeout must be None or a number of seconds > 0"):
+        scheduler.submit(Request("Hi"), cfg, timeout=0)
+
+
+def test_stop_fails_what_is_left_at_its_deadline(long_pipe):
+    scheduler = Scheduler(long_pipe, max_batch=1).start()
+    started = threading.Event()
+    running = scheduler.submit(Request("Go on"), GenerationConfig(gen_length=1024, block_length=8, steps=1024),
+                               lambda e: e.kind == "started" and started.set())
+    waiting = scheduler.submit(Request("Hi"), GenerationConfig(gen_length=8, block_length=8))
+    assert started.wait(30)
+    begun = time.perf_counter()
+    scheduler.stop(0.5, wait=False)  # returns at once; the worker ends by itself
+    scheduler.stop(60)  # a later call never extends the deadline
+    assert time.perf_counter() - begun < 10
+    for job in (running, waiting):
+        assert isinstance(job.error, SchedulerStoppedError)
+
+
+def test_the_canvas_shows_every_step_and_never_takes_a_token_back(long_pipe):
+    cfg = GenerationConfig(gen_length=16, block_length=8, steps=8, cache="dual")
+    scheduler = Scheduler(long_pipe).start()
+    canvases = []
+    job = scheduler.submit(Request("Hi"), cfg, lambda e: e.kind == "canvas" and canvases.append(e), max_tokens=12,
+                           canvas=True)
+    assert job.wait(60)
+    scheduler.stop()
+    mask = long_pipe.special.mask
+    assert [c.step for c in canvases] == list(range(1, 9)) and all(len(c.token_ids) == 12 for c in canvases)
+    masked = [c.token_ids.count(mask) for c in canvases]
+    assert masked[0] > 0 and masked[-1] == 0 and masked == sorted(masked, reverse=True)
+    for earlier, later in zip(canvases, canvases[1:]):
+        assert all(a == b for a, b in zip(earlier.token_ids, later.token_ids) if a != mask)
+    assert canvases[-1].token_ids == job.result.token_ids

@@ -50,7 +50,8 @@ def local_dir(tmp_path_factory):
 def shipped_server(engines_dir, local_dir):
     """fp32 engines of the shipped model, with small limits to test them."""
     server = ServerProcess("--engines", str(engines_dir), "--max-body-mb", "1", "--max-image-mb", "0.25",
-                           "--allow-local-images", str(local_dir), "--model-name", "llada-v-demo")
+                           "--allow-local-images", str(local_dir), "--model-name", "llada-v-demo",
+                           "--max-tokens-limit", "4096")
     yield server
     server.stop()
 
@@ -64,7 +65,8 @@ def shipped_pipe(engines_dir):
 @pytest.fixture(scope="module")
 def long_server(no_eot_model_dir):
     """A model whose answers never end early (so requests overlap), torch backend, 4 rows."""
-    server = ServerProcess("--engines", str(no_eot_model_dir), "--backend", "torch", "--max-batch", "4")
+    server = ServerProcess("--engines", str(no_eot_model_dir), "--backend", "torch", "--max-batch", "4",
+                           "--max-tokens-limit", "2048")
     yield server
     server.stop()
 
@@ -265,7 +267,7 @@ LONG = {"messages": [{"role": "user", "content": "Go on"}], "max_tokens": 1984, 
 
 def test_full_queue_503_and_cancelled_stream_frees_its_row(no_eot_model_dir):
     server = ServerProcess("--engines", str(no_eot_model_dir), "--backend", "torch", "--max-batch", "1",
-                           "--max-queue", "1")
+                           "--max-queue", "1", "--max-tokens-limit", "2048")
     try:
         with httpx.stream("POST", f"{server.url}/v1/chat/completions", json={**LONG, "stream": True},
                           timeout=60) as running:
@@ -297,7 +299,7 @@ def test_a_plain_request_whose_client_leaves_frees_its_row(long_server):
 
 
 def test_sigterm_finishes_running_requests_then_exits(no_eot_model_dir):
-    server = ServerProcess("--engines", str(no_eot_model_dir), "--backend", "torch")
+    server = ServerProcess("--engines", str(no_eot_model_dir), "--backend", "torch", "--max-tokens-limit", "2048")
     with httpx.stream("POST", f"{server.url}/v1/chat/completions",
                       json={**LONG, "max_tokens": 256, "steps": 256, "stream": True}, timeout=60) as running:
         lines = running.iter_lines()
@@ -344,16 +346,21 @@ def test_health_is_503_until_the_engines_are_loaded(monkeypatch):
         assert http.post("/v1/chat/completions", json={"messages": HI, "max_tokens": 8}).status_code == 200
 
 
-def test_an_unexpected_fault_is_openai_json(monkeypatch):
-    def broken(body, images):
-        raise RuntimeError("disk on fire")
+def test_an_unexpected_fault_is_internal_error_json_with_the_detail_only_in_the_log(monkeypatch, caplog):
+    def broken(body):
+        raise RuntimeError("disk on fire in /srv/secret")
 
     monkeypatch.setattr(server_module, "conversation", broken)
     app = create_app(ServerSettings(str(llada_v.SHIPPED_MODEL_DIR), backend="torch", load_in_background=False))
     with TestClient(app, raise_server_exceptions=False) as http:
         reply = http.post("/v1/chat/completions", json={"messages": HI})
     assert reply.status_code == 500
-    assert reply.json()["error"]["type"] == "server_error" and "disk on fire" in reply.json()["error"]["message"]
+    error = reply.json()["error"]
+    assert error["type"] == "server_error" and error["code"] == "internal_error"
+    request_id = reply.headers["x-request-id"]
+    assert error["message"].startswith(f"internal error (request {request_id})") and "fire" not in error["message"]
+    assert any(request_id in r.getMessage() and "disk on fire" in str(r.exc_info[1]) for r in caplog.records
+               if r.exc_info)
 
 
 def test_a_failed_load_is_reported(tmp_path):
@@ -377,6 +384,12 @@ def test_serve_cli_refuses_a_bad_folder_and_settings(tmp_path, capsys):
     assert "--ray" in capsys.readouterr().err
     assert main(["serve", "--engines", str(llada_v.SHIPPED_MODEL_DIR), "--max-body-mb", "0"]) == 2
     assert "max_body_mb" in capsys.readouterr().err
+    assert main(["serve", "--engines", str(llada_v.SHIPPED_MODEL_DIR), "--max-tokens-limit", "0"]) == 2
+    assert "--max-tokens-limit" in capsys.readouterr().err
+    assert main(["serve", "--engines", str(llada_v.SHIPPED_MODEL_DIR), "--max-megapixels-in-flight", "16"]) == 2
+    assert "--max-megapixels-in-flight 16 is less than --max-image-megapixels 32" in capsys.readouterr().err
+    assert main(["serve", "--engines", str(llada_v.SHIPPED_MODEL_DIR), "--timeout-read", "0"]) == 2
+    assert "--timeout-read must be a number of seconds > 0" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert main(["serve", "--engines", str(llada_v.SHIPPED_MODEL_DIR), "--backend", "tensorrt"]) == 2
         assert "GPU" in capsys.readouterr().err
@@ -397,6 +410,6 @@ def test_request_to_generation_config_mapping():
 
 def test_image_parts_go_before_the_text_as_llada_v_was_trained():
     body = server_module.ChatCompletionRequest(messages=[user_message("What is it?", [image(0), image(1)])])
-    request = server_module.conversation(body, server_module.ImageReader(2**20, None))
-    assert request.prompt == [{"role": "user", "content": "<image> <image>\nWhat is it?"}]
-    assert len(request.images) == 2
+    messages, urls = server_module.conversation(body)
+    assert messages == [{"role": "user", "content": "<image> <image>\nWhat is it?"}]
+    assert len(urls) == 2 and all(url.startswith("data:image/png;base64,") for url in urls)
