@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 
 from benchmarks.common import add_device_argument, load_pipeline, load_requests, machine_info, run_interleaved
+from runtime.backends import BACKENDS
+from runtime.config import CACHE_MODES
 
 STAGES = ("preprocess", "vision", "projector", "full_forward", "cached_forward", "remasking", "other")
 
@@ -25,8 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, required=True, help="checkpoint folder (PyTorch eager)")
     parser.add_argument("--engines", type=Path, required=True, help="engines folder built from that checkpoint")
     parser.add_argument("--backends", nargs="+", default=["torch", "onnxruntime"],
-                        choices=("torch", "onnxruntime", "tensorrt"))
-    parser.add_argument("--cache", choices=("none", "prefix", "dual"), default="dual")
+                        choices=BACKENDS)
+    parser.add_argument("--cache", choices=CACHE_MODES, default="dual")
     parser.add_argument("--refresh-interval", type=int, default=8)
     parser.add_argument("--gen-length", type=int, default=128)
     parser.add_argument("--block-length", type=int, default=32)

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.demo_model.evaluate import block_schedule, commit_most_confident, eligible_positions, steps_per_block_of
 from llada_v import SpecialTokens
+from llada_v.generate import block_schedule, commit_most_confident, eligible_positions, steps_per_block_of
 
 CACHES = ("prefix", "dual")
 

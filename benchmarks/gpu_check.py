@@ -244,7 +244,7 @@ def speed_rows(device: torch.device, sizes: Sizes) -> dict:
     """A full pass and a dual-cache step at two layer counts; per layer, extrapolated, and the weight-read floor."""
     from llada_v import LladaV, LladaVConfig
     from llada_v.config import LanguageConfig
-    from runtime.torch_runner import TorchRunner
+    from runtime.backends.pytorch import TorchRunner
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     timings = {}

@@ -30,6 +30,7 @@ from PIL import Image, ImageDraw
 
 from benchmarks.common import load_requests, machine_info
 from benchmarks.server_process import ServerProcess, data_url, user_message
+from runtime.backends import BACKENDS
 
 KEY = "benchmark-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -178,7 +179,7 @@ def under_attack(server, bodies: list[dict], names: list[str], args) -> tuple[di
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.hostile_load", description=__doc__.split("\n\n")[0])
     parser.add_argument("--engines", type=Path, required=True, help="engines folder (a checkpoint with --backend torch)")
-    parser.add_argument("--backend", choices=("onnxruntime", "torch", "tensorrt"), default="onnxruntime")
+    parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
     parser.add_argument("--requests", type=int, default=20, help="the well-behaved client's requests per phase")
     parser.add_argument("--gen-length", type=int, default=32, help="max_tokens of its requests")
     parser.add_argument("--rate", type=float, default=5,

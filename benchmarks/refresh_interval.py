@@ -1,13 +1,18 @@
-"""The refresh-interval dial in one run: the uncached baseline and every (cache, interval) pair on the
+"""The refresh-interval dial in one run: the uncached baseline and every (cache, refresh policy) pair on the
 same requests, interleaved so that machine drift hits all rows alike.
 
     python -m benchmarks.refresh_interval --engines DIR [--cache prefix dual] [--intervals 2 4 8 16 32 48]
-        [--thresholds 0.7 0.8 0.9 0.95] [--plain-model CHECKPOINT]
+        [--drift-thresholds 0.02 0.06 0.1] [--committed 4 8] [--thresholds 0.7 0.8 0.9 0.95]
+        [--plain-model CHECKPOINT]
+
+Refresh policies (runtime/generation/refresh.py): `--intervals` the fixed interval's rows; `--drift-thresholds`
+the drift policy's, each refreshing at least once per block (refresh_interval = steps per block); `--committed`
+the committed-tokens policy's.
 
 Plain PyTorch rows (with `--backend torch`, or `--plain-model` naming the checkpoint the engines were built from):
-LLaDA's plain loop (the reference loop of benchmarks/demo_model/evaluate.py, a full forward every step, no
-cache) becomes the baseline, and Fast-dLLM's own cached loops (benchmarks/fast_dllm_loops.py, one refresh per
-block) are timed beside the runtime's: `vs Fast-dLLM` is the runtime's speedup over the research loop with the
+LLaDA's plain loop (llada_v/generate.py's reference loop, a full forward every step, no cache) becomes the
+baseline, and Fast-dLLM's own cached loops (benchmarks/fast_dllm_loops.py, one refresh per block) are timed beside
+the runtime's: `vs Fast-dLLM` is the runtime's speedup over the research loop with the
 same cache, in the rows that refresh once per block like it.
 
 Each threshold adds two rows of Fast-dLLM's parallel decoding (commit every position more confident than
@@ -17,8 +22,9 @@ model) no position is ever that confident, so those rows take one step per token
 Per row: median seconds per request, tokens/s, denoiser calls (full, cached, and nfe: both), speedup over the
 baseline of the same run, agreement with the baseline's answer (share of identical tokens), the time
 spent outside the engines, and exact match and token F1 when the model is the shipped one (whose labelled
-evaluation set is the demo task's held-out split). Writes results.json and refresh_interval.png (quality
-against tokens/s, a curve per mode) to --out.
+evaluation set is the demo task's held-out split). Writes results.json, refresh_interval.png (quality against
+tokens/s, a curve per mode) and refresh_policies.png (quality against full forwards per request, a curve per cache
+and refresh policy) to --out.
 """
 
 from __future__ import annotations
@@ -36,11 +42,12 @@ from tqdm import tqdm
 
 from benchmarks.common import (Request, add_device_argument, is_shipped_model, load_pipeline, load_requests,
                                machine_info, source_sha256, token_agreement)
-from benchmarks.demo_model.evaluate import reference_loop, steps_per_block_of
 from benchmarks.fast_dllm_loops import cached_loop
-from runtime import GenerationResult
+from llada_v.generate import reference_loop, steps_per_block_of
+from runtime import GenerationResult, GenerationStats
 from runtime import Request as RuntimeRequest
-from runtime.decoding import StageTimer, stop_position, torch_threads
+from runtime.backends import BACKENDS
+from runtime.generation.timing import StageTimer, torch_threads
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,8 @@ class Row:
     refresh_interval: int | None
     threshold: float | None = None
     plain: bool = False  # the research code's loop in PyTorch, not the runtime
+    refresh: str = "interval"
+    drift_threshold: float | None = None
 
     @property
     def label(self) -> str:
@@ -57,7 +66,18 @@ class Row:
         decoding = "" if self.threshold is None else f"threshold {self.threshold:g}"
         if self.cache == "none":
             return decoding or "baseline (no cache)"
-        return f"{self.cache} r={self.refresh_interval}" + (f" {decoding}" if decoding else "")
+        if self.refresh == "drift":
+            policy = f"drift {self.drift_threshold:g}"
+        else:
+            policy = f"{'r=' if self.refresh == 'interval' else 'committed '}{self.refresh_interval}"
+        return f"{self.cache} {policy}" + (f" {decoding}" if decoding else "")
+
+    def config(self, settings: dict):
+        from runtime import GenerationConfig
+
+        drift = {} if self.drift_threshold is None else {"drift_threshold": self.drift_threshold}
+        return GenerationConfig(**settings, cache=self.cache, refresh=self.refresh,
+                                refresh_interval=self.refresh_interval or 1, threshold=self.threshold, **drift)
 
 
 @dataclass
@@ -78,8 +98,9 @@ def summarize(row: Row, runs: RowRuns, baseline: RowRuns, requests: list[Request
     total_seconds = sum(runs.seconds)
     calls = [f + c for f, c in zip(runs.full_forwards, runs.cached_forwards)]
     summary = {
-        "row": row.label, "cache": row.cache, "refresh_interval": row.refresh_interval, "threshold": row.threshold,
-        "plain": row.plain, "median_seconds": seconds,
+        "row": row.label, "cache": row.cache, "refresh": row.refresh, "refresh_interval": row.refresh_interval,
+        "drift_threshold": row.drift_threshold, "threshold": row.threshold, "plain": row.plain,
+        "median_seconds": seconds,
         "tokens_per_second": sum(runs.tokens) / total_seconds,
         "full_forwards": statistics.mean(runs.full_forwards),
         "cached_forwards": statistics.mean(runs.cached_forwards),
@@ -123,12 +144,22 @@ def mode(summary: dict) -> str:
     if summary["plain"]:
         return "plain PyTorch" if summary["cache"] == "none" else f"Fast-dLLM {summary['cache']}"
     cache = "no cache" if summary["cache"] == "none" else summary["cache"]
-    return cache + (" + threshold" if summary["threshold"] is not None else "")
+    policy = "" if summary["cache"] == "none" or summary["refresh"] == "interval" else f" {summary['refresh']}"
+    return cache + policy + (" + threshold" if summary["threshold"] is not None else "")
 
 
-def plot(summaries: list[dict], path: Path, title: str) -> None:
-    """Quality (exact match, or agreement with the baseline on a model without labels) against tokens/s: one
-    curve per mode, its points the intervals or thresholds, like the figures of the Fast-dLLM paper."""
+def point_label(summary: dict) -> float | None:
+    """What tells a curve's points apart: the threshold, the drift threshold or the refresh interval."""
+    if summary["threshold"] is not None:
+        return summary["threshold"]
+    return summary["drift_threshold"] if summary["refresh"] == "drift" else summary["refresh_interval"]
+
+
+def plot(summaries: list[dict], path: Path, title: str, x: str = "tokens_per_second") -> None:
+    """Quality (exact match, or agreement with the baseline on a model without labels) against `x`: one curve per
+    mode, its points the intervals, drift thresholds or thresholds. Against tokens/s (every row, the research
+    loops included) it is the figure of the Fast-dLLM paper; against full_forwards (the runtime's rows) it is the
+    refresh policies' trade-off whatever a full forward costs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,19 +168,21 @@ def plot(summaries: list[dict], path: Path, title: str) -> None:
     quality = "accuracy" if "accuracy" in summaries[0] else "agreement"
     curves: dict[str, list[dict]] = {}
     for s in summaries:
-        curves.setdefault(mode(s), []).append(s)
+        if x == "tokens_per_second" or not s["plain"]:
+            curves.setdefault(mode(s), []).append(s)
     fig, axis = plt.subplots(figsize=(7, 4.2))
     for name, rows in curves.items():
-        rows = sorted(rows, key=lambda s: s["tokens_per_second"])
-        axis.plot([s["tokens_per_second"] for s in rows], [100 * s[quality] for s in rows], marker="o",
+        rows = sorted(rows, key=lambda s: s[x])
+        axis.plot([s[x] for s in rows], [100 * s[quality] for s in rows], marker="o",
                   linestyle="-" if len(rows) > 1 else "none", label=name)
         for s in rows:
-            note = s["threshold"] if s["threshold"] is not None else s["refresh_interval"]
+            note = point_label(s)
             if note is not None and len(rows) > 1:
-                axis.annotate(f"{note:g}", (s["tokens_per_second"], 100 * s[quality]), fontsize=6,
+                axis.annotate(f"{note:g}", (s[x], 100 * s[quality]), fontsize=6,
                               textcoords="offset points", xytext=(3, 3))
     axis.set_xscale("log")
-    axis.set_xlabel("tokens / second (labels: refresh interval or threshold)")
+    x_name = "tokens / second" if x == "tokens_per_second" else "full forwards per request"
+    axis.set_xlabel(f"{x_name} (labels: refresh interval, drift threshold or threshold)")
     axis.set_ylabel(f"{'exact match' if quality == 'accuracy' else 'agreement with the baseline'} (%)")
     axis.legend(fontsize=8)
     axis.set_title(title, fontsize=9)
@@ -171,17 +204,18 @@ def plain_loop(pipe, request: Request, settings: dict, cache: str):
         else:
             answers, full, cached = cached_loop(pipe.runner.model, prompts[0], pipe.special, *decode, cache)
     seconds = time.perf_counter() - start
-    answer = answers[0].tolist()
-    ids = answer[:stop_position(answer, pipe.special.eot)]
+    ids, finish_reason = pipe.final_answer(answers[0].tolist())
     # Its time outside the model is not measured apart: `outside` reads nan.
-    return GenerationResult(pipe.tokenizer.decode(ids, skip_special_tokens=True), ids,
-                            {"seconds": seconds, "full_forwards": full, "cached_forwards": cached,
-                             "engine_seconds": float("nan")})
+    stats = GenerationStats(nfe=full + cached, full_forwards=full, cached_forwards=cached, steps=full + cached,
+                            seconds=seconds, tokens_per_second=len(ids) / seconds, batch_size=1,
+                            prompt_lengths=[len(prompts[0])], engine_seconds=float("nan"), finish_reason=finish_reason)
+    return GenerationResult(pipe.text(ids), ids, stats)
 
 
 def research_row(row: Row, steps_per_block: int) -> Row | None:
     """Fast-dLLM's loop with a runtime row's cache, when the row refreshes once per block as that loop does."""
-    if row.plain or row.cache == "none" or row.threshold is not None or row.refresh_interval < steps_per_block:
+    if row.plain or row.cache == "none" or row.threshold is not None or row.refresh != "interval" \
+            or row.refresh_interval < steps_per_block:
         return None
     return Row(row.cache, steps_per_block, plain=True)
 
@@ -200,12 +234,16 @@ def plain_pipeline(args, pipe):
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.refresh_interval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--engines", type=Path, required=True, help="engines folder (or a checkpoint folder with --backend torch)")
-    parser.add_argument("--backend", choices=("onnxruntime", "torch", "tensorrt"), default="onnxruntime")
+    parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
     parser.add_argument("--cache", nargs="+", choices=("prefix", "dual"), default=["prefix", "dual"])
     parser.add_argument("--intervals", nargs="+", type=int, default=[2, 4, 8, 16, 32, 48])
     parser.add_argument("--gen-length", type=int, default=128)
     parser.add_argument("--block-length", type=int, default=32)
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: gen-length)")
+    parser.add_argument("--drift-thresholds", nargs="*", type=float, default=[],
+                        help="rows of the drift refresh policy, each at least one refresh per block")
+    parser.add_argument("--committed", nargs="*", type=int, default=[],
+                        help="rows of the committed-tokens refresh policy: tokens between refreshes")
     parser.add_argument("--thresholds", nargs="*", type=float, default=[],
                         help="parallel decoding rows: each threshold uncached and with the dual cache")
     parser.add_argument("--requests", type=int, default=4, help="requests timed per row")
@@ -217,8 +255,10 @@ def parse_args(argv):
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     add_device_argument(parser)
     args = parser.parse_args(argv)
-    if any(i < 1 for i in args.intervals):
-        parser.error("--intervals must be >= 1")
+    if any(i < 1 for i in args.intervals + args.committed):
+        parser.error("--intervals and --committed must be >= 1")
+    if any(not 0 < t < float("inf") for t in args.drift_thresholds):
+        parser.error("--drift-thresholds must be > 0")
     if any(not 0 < t <= 1 for t in args.thresholds):
         parser.error("--thresholds must be in (0, 1]")
     if args.requests < 1 or args.warmup < 0:
@@ -228,8 +268,6 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from runtime import GenerationConfig
-
     try:
         settings = dict(gen_length=args.gen_length, block_length=args.block_length,
                         steps=args.steps or args.gen_length)
@@ -237,9 +275,11 @@ def main(argv: list[str] | None = None) -> int:
         pipe = load_pipeline(args.engines, args.backend, args.device)
         plain_pipe = plain_pipeline(args, pipe)
         rows = [Row("none", None)] + [Row(c, r) for c in args.cache for r in args.intervals]
+        rows += [Row(c, steps_per_block, refresh="drift", drift_threshold=t)
+                 for c in args.cache for t in args.drift_thresholds]
+        rows += [Row(c, n, refresh="committed") for c in args.cache for n in args.committed]
         rows += [row for t in args.thresholds for row in (Row("none", None, t), Row("dual", max(args.intervals), t))]
-        configs = {row: GenerationConfig(**settings, cache=row.cache, refresh_interval=row.refresh_interval or 1,
-                                         threshold=row.threshold) for row in rows}
+        configs = {row: row.config(settings) for row in rows}
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -282,7 +322,9 @@ def main(argv: list[str] | None = None) -> int:
         "raw": [{"row": row.label, **asdict(runs[row])} for row in rows]}, indent=2, default=str))
     title = f"{args.engines.name}, {args.backend}, gen {args.gen_length} block {args.block_length} — {machine['cpu']}"
     plot(summaries, args.out / "refresh_interval.png", title)
-    print(f"wrote {args.out / 'results.json'} and {args.out / 'refresh_interval.png'}")
+    plot(summaries, args.out / "refresh_policies.png", title, x="full_forwards")
+    print(f"wrote {args.out / 'results.json'}, {args.out / 'refresh_interval.png'} and "
+          f"{args.out / 'refresh_policies.png'}")
     return 0
 
 

@@ -24,6 +24,8 @@ import numpy as np
 
 from benchmarks.common import add_device_argument, load_requests, machine_info
 from benchmarks.server_process import ServerProcess, user_message
+from runtime.backends import BACKENDS
+from runtime.config import CACHE_MODES
 
 
 def one_request(url: str, body: dict) -> dict:
@@ -129,13 +131,13 @@ def print_table(levels: list[dict], max_batch: int) -> None:
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.serving", description=__doc__.split("\n\n")[0])
     parser.add_argument("--engines", type=Path, required=True, help="engines folder (a checkpoint with --backend torch)")
-    parser.add_argument("--backend", choices=("onnxruntime", "torch", "tensorrt"), default="onnxruntime")
+    parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16])
     parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level and server")
     parser.add_argument("--max-batch", type=int, default=16, help="the batched server's rows")
     parser.add_argument("--gen-length", type=int, default=32, help="max_tokens of every request")
     parser.add_argument("--block-length", type=int, default=32)
-    parser.add_argument("--cache", choices=("none", "prefix", "dual"), default="dual")
+    parser.add_argument("--cache", choices=CACHE_MODES, default="dual")
     parser.add_argument("--refresh-interval", type=int, default=32)
     parser.add_argument("--threshold", type=float, default=None)
     parser.add_argument("--out", type=Path, default=Path("bench-out"))

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .engines_format import TARGETS
+
 EXIT_BUILD_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
@@ -52,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="checkpoint folder: config.json, safetensors, tokenizer (default: the shipped tiny model)")
     build.add_argument("--out", type=_output_folder, default=Path("engines"), metavar="DIR",
                        help="output folder (default: ./engines)")
-    build.add_argument("--backend", choices=("onnx", "tensorrt"), default="onnx",
+    build.add_argument("--backend", choices=TARGETS, default="onnx",
                        help="onnx: ONNX parts only (default); tensorrt: also a TensorRT engine per part "
                             "(needs an NVIDIA GPU and `pip install '.[gpu]'`)")
     build.add_argument("--force", action="store_true",

@@ -37,7 +37,8 @@ from llada_v import CheckpointError, LladaVConfig
 from llada_v.weights import CheckpointReader, copy_tokenizer, load_model_streaming, release_freed_memory
 
 from . import trt_build
-from .manifest import EMBEDDINGS_FILE, MANIFEST_FILE, Manifest, PartEntry, checkpoint_sha256
+from .engines_format import EMBEDDINGS_FILE, MANIFEST_FILE, TARGETS, moved_aside
+from .manifest import Manifest, PartEntry, checkpoint_sha256
 from .onnx_export import EXTERNAL_DATA_THRESHOLD, PRECISIONS, TORCH_DTYPES, finish_part, part_specs, trace_part
 from .profiles import (ENGINE_BYTES_PER_WEIGHT, EngineLimits, activation_table, default_limits, part_profiles,
                        weight_count)
@@ -46,9 +47,7 @@ from .trt_build import EngineBuildError
 from .validate import ValidationError, check_part, check_plan, reference_cases
 from .wrappers import weightless_model, wrap
 
-BACKENDS = ("onnx", "tensorrt")
-
-__all__ = ["BACKENDS", "BuildError", "EngineBuildError", "ValidationError", "build_engines"]
+__all__ = ["BuildError", "EngineBuildError", "ValidationError", "build_engines"]
 
 
 class BuildError(ValueError):
@@ -109,8 +108,8 @@ def _check_request(model_dir: Path, out_dir: Path, precision: str, backend: str)
     tensor there, in its shape)."""
     if precision not in PRECISIONS:
         raise BuildError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if backend not in BACKENDS:
-        raise BuildError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if backend not in TARGETS:
+        raise BuildError(f"unknown backend {backend!r}: choose one of {', '.join(TARGETS)}")
     if backend == "tensorrt" and precision in BITS:
         raise BuildError(f"--precision {precision} gives ONNX Runtime's MatMulNBits nodes, which TensorRT's ONNX "
                          f"parser does not take: use --backend onnx (ONNX Runtime, CPU or CUDA), or fp16 for TensorRT")
@@ -287,7 +286,7 @@ def _process_exists(pid: int) -> bool:
 def _finish_killed_publish(out_dir: Path) -> None:
     """A build killed inside _publish leaves the previous folder in `.<out>.old`: restore it if out_dir is
     gone (killed between the two renames), remove it if the new out_dir is already in place."""
-    old = _moved_aside(out_dir)
+    old = moved_aside(out_dir)
     if not os.path.lexists(old):
         return
     if os.path.lexists(out_dir):
@@ -296,10 +295,6 @@ def _finish_killed_publish(out_dir: Path) -> None:
     else:
         old.rename(out_dir)
         _notice(f"restored {out_dir} from {old}, where a killed build had moved it")
-
-
-def _moved_aside(out_dir: Path) -> Path:
-    return out_dir.with_name(f".{out_dir.name}.old")  # runtime/engines.py looks for this name too
 
 
 @contextmanager
@@ -443,7 +438,7 @@ def _publish(staging: Path, out_dir: Path, force: bool) -> None:
     if not out_dir.exists():
         staging.rename(out_dir)
         return
-    old = _moved_aside(out_dir)
+    old = moved_aside(out_dir)
     out_dir.rename(old)
     try:
         staging.rename(out_dir)

@@ -5,10 +5,28 @@ dependency beyond the standard library, so that both import it (docs/engines.md)
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 FORMAT_VERSION = 4
 MANIFEST_FILE = "manifest.json"
 EMBEDDINGS_FILE = "embeddings.safetensors"
+# Precision -> dtype of the graphs' activations (and their float inputs and outputs); int8/int4 quantize only
+# their weights (exporter/quantize.py), ONNX Runtime's CPU MatMulNBits kernels taking float32 activations.
+PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "int8": "float32", "int4": "float32"}
+# What a build writes: ONNX parts alone, or TensorRT plans beside them (`python -m exporter build --backend`). Not
+# the runtime's backends: a folder of either serves ONNX Runtime, one with plans TensorRT too.
+TARGETS = ("onnx", "tensorrt")
+
+
+def parts(has_vision: bool) -> list[str]:
+    """The parts an engines folder holds: the denoiser, and the vision tower and projector of a multimodal model."""
+    return ["denoiser", "vision", "projector"] if has_vision else ["denoiser"]
+
+
+def moved_aside(folder: Path) -> Path:
+    """Where a build keeps the previous engines folder while it renames the new one in (exporter/build.py _publish);
+    a build killed between the two renames leaves them there, and the runtime says so."""
+    return folder.with_name(f".{folder.name}.old")
 
 
 @dataclass(frozen=True)

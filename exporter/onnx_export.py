@@ -30,11 +30,9 @@ graph in memory; trace_part below never does.
 One denoiser graph serves both passes: the cached graph, given an empty cache (past_sequence 0) for
 the full pass. A second graph for the full pass would hold a second copy of the weights in every
 backend (each ONNX Runtime session and TensorRT engine owns its initializers; ONNX Runtime's Python
-API has no shared pre-packed weights container) and double the export and validation time. Measured
-cost on the benchmark model (hidden 384, 930 positions, ONNX Runtime CPU, 10 interleaved runs): a
-full pass through it took 101 ms against 88 ms for a graph without the cache inputs (it joins the
-attention scores against the empty cache and the fresh keys, a copy of the score matrix per layer);
-at LLaDA-8B's width that copy is under 0.1% of a layer's matmul work.
+API has no shared pre-packed weights container) and double the export and validation time. Its
+cost: a full pass joins the attention scores against the empty cache and the fresh keys, a copy of the score
+matrix per layer, small beside a layer's matmuls at LLaDA-8B's width (README, Measured choices).
 
 External data: a part whose weights exceed `EXTERNAL_DATA_THRESHOLD` (64 MiB) is saved with its tensors in
 `<part>.onnx_data`. The exporter traces the graph
@@ -59,12 +57,11 @@ from torch import nn
 
 from llada_v import LladaVConfig
 
+from .engines_format import PRECISION_DTYPES
 from .quantize import BITS, quantize_file
 
 OPSET = 17
-# Precision -> dtype of the graphs' activations (and their inputs/outputs). int8/int4 quantize the weights
-# of float32 graphs (quantize.py): ONNX Runtime's CPU MatMulNBits kernels take float32 activations.
-PRECISIONS = {"fp32": "float32", "fp16": "float16", "int8": "float32", "int4": "float32"}
+PRECISIONS = PRECISION_DTYPES
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
 # Parts with more weight bytes keep them in `<part>.onnx_data`, moved into place from the trace without being
 # loaded; inlining them means holding the graph and its serialised copy (2x the part), and protobuf cannot

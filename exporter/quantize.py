@@ -6,20 +6,10 @@ attention products, whose operands are activations) becomes a `MatMulNBits` node
 blocks of BLOCK_SIZE along the input dimension, each block one fp32 scale; int8 symmetric (no zero
 points), int4 asymmetric (a 4-bit zero point per block, 1/64 byte a weight). Norms, softmax, RoPE and the
 token embedding are not MatMuls with weights, so they stay as they were (float32). `accuracy_level` 4 lets
-the CPU kernel quantize each activation block to int8 and multiply in integers: measured on a random
-8-layer, hidden-1024 denoiser (ONNX Runtime 1.32, 2-core AMD EPYC, 32 queries against a 900-position
-cache), int8 took 37 ms a pass at level 4 against 152 ms at the default level and 48 ms in fp32; int4 43 ms
-against 51 ms.
-
-int4 choices, shipped model, exact match on the 240 held-out questions / 3,600 fresh ones (seeds 1-15),
-2026-12-04, fp32 94.2 / 91.7%: symmetric blocks of 32 92.9 / 90.4% (1.25 points lost on both, outside the
-1-point budget); asymmetric blocks of 32 92.5 / 91.1%; symmetric blocks of 16 93.3 / 91.4%. On the 0.95B
-scale model's denoiser, blocks of 16 load at 1.70x their file (ONNX Runtime's level-4 packing) against
-1.43x, and a 16-query pass took 0.27 s against 0.17 s; so int4 is asymmetric with blocks of 32, within a
-point of fp32 over all 3,840 questions (-0.65) at the memory and speed of symmetric blocks of 32 (on the 240
-alone it is 4 questions, -1.7 points: that set cannot resolve one point). Also tried: the default accuracy
-level (fp32 compute: 1.05x its file but 1.8x slower a pass), an int8 head beside int4 layers (no better).
-int8's symmetric blocks of 32 give the fp32 engines' answers.
+the CPU kernel quantize each activation block to int8 and multiply in integers, several times faster than the
+default level. int4 is asymmetric with blocks of 32: within a point of fp32's exact match, where symmetric
+blocks of 32 lose more and blocks of 16 cost memory and speed; int8's symmetric blocks of 32 give the fp32
+engines' answers (README, Measured choices, has the figures of every choice tried).
 
 Validation (`dequantize_into`): the quantized weights, dequantized, are written into the float32
 reference model, so the check compares the graph's arithmetic with the same weights: a graph whose

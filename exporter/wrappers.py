@@ -87,9 +87,8 @@ def weightless_model(cfg: LladaVConfig, dtype: torch.dtype) -> LladaV:
     with export_params=False and writes the weights from the checkpoint, so their values never matter to the
     trace. A large placeholder is a fresh mapping of the OS's zero pages, resident only where written (its
     first element) or copied: an 8B model is traced in the memory of its graph. Dense, not one element
-    expanded to the shape: the tracer's MatMul and the exporter's passes then copy no weight (measured on a
-    0.95B denoiser, the trace's peak fell from 1.64 to 0.97 GB above the process; what is left grows with the
-    vocabulary head and is inside the TorchScript exporter's graph passes). Each placeholder's first element
+    expanded to the shape: the tracer's MatMul and the exporter's passes then copy no weight (README, Measured
+    choices). Each placeholder's first element
     is its own number: the exporter merges parameters of equal values into one initializer."""
     with torch.device("meta"):
         model = LladaV(cfg)

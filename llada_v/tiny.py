@@ -50,14 +50,12 @@ def build_tokenizer(corpus: list[str], folder: Path, vocab_size: int = 512, phra
     return tokenizer.get_vocab_size()
 
 
-# Why not GPT-2's N(0, 0.02) everywhere: at these widths (128-192) it is 3-4x below 1/sqrt(fan_in), attention
-# starts almost uniform, and the demo model's question -> image lookups formed only after 6,000+ steps; with
-# 1/sqrt(fan_in) they start forming by step 3,000.
+# Why not GPT-2's N(0, 0.02) everywhere: at these widths (128-192) it is several times below 1/sqrt(fan_in),
+# attention starts almost uniform, and the demo model's question -> image lookups form about twice as late.
 # Why the vision position embeddings start large: Adam moves every weight by about the learning rate, so the patch
-# embedding's output (fan-in 3,072) grows from a std of ~0.8 to ~5.7 during training while a position embedding
-# stays near where it starts. Started at 0.5, an object's cell was 0.3% of the variance of its projected token and
-# the demo model answered two-step questions ("What colour is the shape right of the square?") on 400 fresh scenes
-# at 62%; started at 4.0 it is 14%, and it answers all 400 right (benchmarks/demo_model).
+# embedding's output (fan-in 3,072) grows several-fold during training while a position embedding stays near where
+# it starts; started small, an object's cell is too faint in its projected token for two-step questions ("What
+# colour is the shape right of the square?"). README, Measured choices, has the figures.
 TOKEN_EMBEDDING_STD = 0.02
 VISION_POSITION_STD = 4.0
 

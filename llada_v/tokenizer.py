@@ -61,12 +61,17 @@ def load_tokenizer(folder: str | Path):
                               f"{type(err).__name__}: {err}") from err
 
 
-def with_image_placeholders(text: str, n_images: int) -> str:
-    """The user turn with `n_images` images and no `<image>` of its own: the placeholders joined by
-    spaces, then a newline, then the text (the official evaluation, llava_onevision_llada.py:524-526)."""
-    if not n_images:
-        return text
-    return " ".join([IMAGE_PLACEHOLDER] * n_images) + "\n" + text
+def place_images(texts: list[str], n_images: int, where: str) -> list[str]:
+    """`texts` (a conversation's turns, or one turn) with one `<image>` per image: as written when they hold
+    `n_images` placeholders; with none, the placeholders go before the last text, joined by spaces, then a newline
+    (the official evaluation, llava_onevision_llada.py:524-526); ValueError naming `where` otherwise."""
+    placeholders = sum(text.count(IMAGE_PLACEHOLDER) for text in texts)
+    if placeholders == 0 and n_images:
+        return [*texts[:-1], " ".join([IMAGE_PLACEHOLDER] * n_images) + "\n" + texts[-1]]
+    if placeholders != n_images:
+        raise ValueError(f"{where} has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {n_images} image(s): "
+                         f"put one {IMAGE_PLACEHOLDER} per image, in order (or none at all)")
+    return list(texts)
 
 
 def conversation_ids(tokenizer, messages: list[dict]) -> list[int]:

@@ -242,9 +242,9 @@ except (OSError, AttributeError):  # not glibc
 def release_freed_memory(collect: bool = True) -> None:
     """Collect garbage (unless `collect` is False: a module just dropped is freed by its reference count) and
     give the heap's free pages back to the OS (glibc's malloc_trim). glibc keeps freed
-    blocks below its mmap threshold (which grows to 32 MB) in the process: measured on a 0.95B streaming
-    model, every layer read and dropped left its four 15 MB attention weights resident (0.9 GB after 15
-    layers), and one build step's temporaries would still be there when the next makes its large allocations."""
+    blocks below its mmap threshold (which grows to 32 MB) in the process: without the trim, every layer read
+    and dropped would leave its attention weights resident, and one build step's temporaries would still be there
+    when the next makes its large allocations (README, Measured choices)."""
     if collect:
         gc.collect()
     if _malloc_trim is not None:

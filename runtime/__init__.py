@@ -3,7 +3,7 @@
     from runtime import Pipeline, GenerationConfig
     pipe = Pipeline.load("engines/", backend="onnxruntime")
     result = pipe.generate("What is in the image?", image="cat.png", config=GenerationConfig(gen_length=64))
-    print(result.text, result.stats["tokens_per_second"])
+    print(result.text, result.stats.tokens_per_second)
 
 The names are imported on first use (PEP 562), so `python -m runtime` reaches its own error handling (Ctrl-C
 included) before torch is imported.
@@ -11,10 +11,12 @@ included) before torch is imported.
 
 import importlib
 
-_SOURCES = {"Pipeline": "pipeline", "GenerationResult": "pipeline", "Stream": "pipeline", "Conversation": "chat",
-            "GenerationConfig": "config", "Request": "prompt", "Runner": "runner"}
+_SOURCES = {"Pipeline": "pipeline", "Stream": "pipeline", "Conversation": "chat", "GenerationConfig": "config",
+            "GenerationResult": "generation.results", "GenerationStats": "generation.results",
+            "PromptTooLongError": "generation.results", "Request": "generation.prompt", "Runner": "backends.runner"}
 
-__all__ = ["Pipeline", "GenerationConfig", "GenerationResult", "Conversation", "Request", "Stream", "Runner"]
+__all__ = ["Pipeline", "GenerationConfig", "GenerationResult", "GenerationStats", "PromptTooLongError",
+           "Conversation", "Request", "Stream", "Runner"]
 
 
 def __getattr__(name: str):

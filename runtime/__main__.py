@@ -15,10 +15,10 @@ import os
 import sys
 import warnings
 
-from .config import BACKENDS, CACHE_MODES, REMASKING, GenerationConfig
-from .serve_cli import add_serve_options, serve
-
-SERVE_DEFAULTS = GenerationConfig(gen_length=64)
+from .backends import BACKENDS
+from .config import CACHE_MODES, REFRESH_POLICIES, REMASKING, GenerationConfig
+from .serving.cli import add_serve_options, serve
+from .serving.settings import SERVE_DEFAULTS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,7 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
         options.add_argument("--temperature", type=float, default=GenerationConfig.temperature)
         options.add_argument("--remasking", choices=REMASKING, default=GenerationConfig.remasking)
         options.add_argument("--cache", choices=CACHE_MODES, default=GenerationConfig.cache)
-        options.add_argument("--refresh-interval", type=int, default=GenerationConfig.refresh_interval)
+        options.add_argument("--refresh", choices=REFRESH_POLICIES, default=GenerationConfig.refresh,
+                             help="with a cache, when a full forward refreshes it (see --refresh-interval)")
+        options.add_argument("--refresh-interval", type=int, default=GenerationConfig.refresh_interval,
+                             help="steps (interval), committed tokens (committed) or the most steps (drift) "
+                                  "between refreshes")
+        options.add_argument("--drift-threshold", type=float, default=GenerationConfig.drift_threshold,
+                             help="--refresh drift: the keys' relative change that triggers a refresh")
         options.add_argument("--threshold", type=float, default=None)
         options.add_argument("--seed", type=int, default=GenerationConfig.seed)
         if sub is not serve:
@@ -66,8 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 # What --official fixes, as option name -> its default; another value given beside --official is refused.
 OFFICIAL_FIXED = {"block_length": GenerationConfig.block_length, "steps": None, "temperature": 0.0,
-                  "remasking": "low_confidence", "cache": "none", "refresh_interval": GenerationConfig.refresh_interval,
-                  "threshold": None}
+                  "remasking": "low_confidence", "cache": "none", "refresh": GenerationConfig.refresh,
+                  "refresh_interval": GenerationConfig.refresh_interval,
+                  "drift_threshold": GenerationConfig.drift_threshold, "threshold": None}
 
 
 def generation_config(args) -> GenerationConfig:
@@ -80,7 +87,8 @@ def generation_config(args) -> GenerationConfig:
         return GenerationConfig.official(args.gen_length)
     return GenerationConfig(gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
                             temperature=args.temperature, remasking=args.remasking, cache=args.cache,
-                            refresh_interval=args.refresh_interval, threshold=args.threshold, seed=args.seed)
+                            refresh=args.refresh, refresh_interval=args.refresh_interval,
+                            drift_threshold=args.drift_threshold, threshold=args.threshold, seed=args.seed)
 
 
 def print_answer(args, run, stream_run) -> None:
@@ -99,7 +107,7 @@ def print_answer(args, run, stream_run) -> None:
         print(result.text)
     sys.stdout.flush()
     if args.stats:
-        print(json.dumps(result.stats), file=sys.stderr)
+        print(json.dumps(result.stats.to_dict()), file=sys.stderr)
 
 
 def chat_loop(args, pipe, config: GenerationConfig) -> None:

@@ -5,20 +5,21 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Sequence
 
-from llada_v.tokenizer import IMAGE_PLACEHOLDER, with_image_placeholders
+from llada_v.tokenizer import IMAGE_PLACEHOLDER, place_images
 
 from .config import GenerationConfig
-from .pipeline import GenerationResult, Pipeline, PromptTooLongError, Stream
-from .prompt import ImageLike, Request
+from .generation.prompt import ImageLike, Request
+from .generation.results import GenerationResult, PromptTooLongError
 
 
 class Conversation:
     """conv = pipe.chat(); conv.send("What is in the image?", image="cat.png"); conv.send("And its colour?")
 
-    Each turn's images go where its text has `<image>`, or before its text when it has none.
+    Each turn's images go where its text has `<image>`, or before its text when it has none. `pipeline` is the
+    Pipeline that made it (Pipeline.chat), which it only calls: this module does not import it, so the pipeline can.
     """
 
-    def __init__(self, pipeline: Pipeline, config: GenerationConfig | None = None, system: str | None = None):
+    def __init__(self, pipeline, config: GenerationConfig | None = None, system: str | None = None):
         self.pipeline = pipeline
         self.config = config or GenerationConfig()
         self.system = system
@@ -49,12 +50,13 @@ class Conversation:
         self._commit(request, result)
         return result
 
-    def stream(self, text: str, image: ImageLike | Sequence[ImageLike] | None = None) -> Stream:
-        """Like send, streaming the partial answer; the turn joins the conversation once the stream ends."""
+    def stream(self, text: str, image: ImageLike | Sequence[ImageLike] | None = None):
+        """Like send, streaming the partial answer (a Pipeline Stream); the turn joins the conversation once the
+        stream ends."""
         request = self._next_request(text, image)
         with self._too_long_hint():
-            decoder = self.pipeline._prepare([request], self.config)
-        return Stream(self.pipeline, decoder, on_done=lambda result: self._commit(request, result))
+            return self.pipeline.stream(request, config=self.config,
+                                        on_done=lambda result: self._commit(request, result))
 
     @contextmanager
     def _too_long_hint(self):
@@ -67,12 +69,7 @@ class Conversation:
 
     def _next_request(self, text: str, image) -> Request:
         new_images = Request(text, image).images
-        placeholders = text.count(IMAGE_PLACEHOLDER)
-        if placeholders == 0 and new_images:
-            text = with_image_placeholders(text, len(new_images))
-        elif placeholders != len(new_images):
-            raise ValueError(f"this turn has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(new_images)} "
-                             f"image(s): put one {IMAGE_PLACEHOLDER} per image, in order (or none at all)")
+        text, = place_images([text], len(new_images), "this turn")
         messages = [*self.messages, {"role": "user", "content": text}]
         return Request(messages, [*self.images, *new_images])
 

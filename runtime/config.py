@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 REMASKING = ("low_confidence", "random")
 CACHE_MODES = ("none", "prefix", "dual")
-BACKENDS = ("onnxruntime", "tensorrt", "torch")
+REFRESH_POLICIES = ("interval", "committed", "drift")
 
 
 @dataclass(frozen=True)
@@ -23,10 +23,19 @@ class GenerationConfig:
     temperature: 0 = argmax; > 0 adds temperature * Gumbel noise drawn from a generator seeded with `seed`.
     remasking: "low_confidence" (commit the most confident candidates) or "random".
     cache: "none" (a full forward every step), "prefix" or "dual" (DESIGN §4).
-    refresh_interval: with a cache, a full forward refreshes it at the start of every block and at every
-        step index within the block that is a multiple of this; 1 = no reuse (equals cache="none").
-        The default 4 keeps three of every four steps cheap while refreshing often enough that answers
-        stay close to the uncached ones; the LLaDA-V paper measured intervals from 2 to 48.
+    refresh: with a cache, when a full forward refreshes it (runtime/generation/refresh.py); every policy
+        refreshes at the start of every block, and in between:
+        "interval": at every step index within the block that is a multiple of refresh_interval (LLaDA-V's rule);
+        "committed": once refresh_interval tokens have been committed since the last refresh;
+        "drift": once the keys of the block's masked positions have drifted by more than drift_threshold, or
+        refresh_interval steps have passed.
+    refresh_interval: steps ("interval"), tokens ("committed") or the most steps ("drift") between refreshes;
+        1 = a full forward every step, the uncached answer token for token. The default 4 keeps three of every
+        four steps cheap while refreshing often enough that answers stay close to the uncached ones; the
+        LLaDA-V paper measured intervals from 2 to 48.
+    drift_threshold: refresh="drift" only: the mean relative change of the masked positions' keys (in the deeper
+        half of the layers) that triggers a refresh. The default 0.06 is where answers on the shipped model stopped
+        changing (README, Benchmarks); calibrate it on your model with benchmarks.refresh_interval.
     threshold: None, or parallel decoding: commit every candidate more confident than this
         (and at least the most confident one).
     seed: seeds the per-request generator of the Gumbel noise and of random remasking; in [0, 2**64).
@@ -38,7 +47,9 @@ class GenerationConfig:
     temperature: float = 0.0
     remasking: str = "low_confidence"
     cache: str = "none"
+    refresh: str = "interval"
     refresh_interval: int = 4
+    drift_threshold: float = 0.06
     threshold: float | None = None
     seed: int = 0
 
@@ -70,8 +81,13 @@ class GenerationConfig:
             raise ValueError(f"unknown remasking {self.remasking!r}: use one of {', '.join(REMASKING)}")
         if self.cache not in CACHE_MODES:
             raise ValueError(f"unknown cache mode {self.cache!r}: use one of {', '.join(CACHE_MODES)}")
+        if self.refresh not in REFRESH_POLICIES:
+            raise ValueError(f"unknown refresh policy {self.refresh!r}: use one of {', '.join(REFRESH_POLICIES)}")
         if self.refresh_interval < 1:
             raise ValueError(f"refresh_interval must be >= 1 (1 = refresh every step), got {self.refresh_interval}")
+        if not isinstance(self.drift_threshold, (int, float)) or isinstance(self.drift_threshold, bool) \
+                or not 0 < self.drift_threshold < math.inf:
+            raise ValueError(f"drift_threshold must be a finite number > 0, got {self.drift_threshold!r}")
         if self.threshold is not None:
             if not isinstance(self.threshold, (int, float)) or isinstance(self.threshold, bool) \
                     or not 0 < self.threshold <= 1:

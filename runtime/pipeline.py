@@ -1,11 +1,11 @@
-"""Pipeline: the public API. Loads a backend's runner, turns requests into prompt embeddings and runs
-the diffusion loop (decoding.py) over them; backend-agnostic, on torch tensors on the runner's device.
+"""Pipeline: the library's front door. Loads a backend's runner, turns requests into prompt embeddings and runs
+the diffusion loop (generation/decoder.py) over them; backend-agnostic, on torch tensors on the runner's device.
+The serving room and the chat use the same public steps: prepare, embed_prompts, start (or decoder), results.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -13,28 +13,19 @@ import torch
 
 from llada_v import SpecialTokens, conversation_ids, load_tokenizer
 
-from .config import BACKENDS, GenerationConfig
-from .decoding import Batch, Decoder, StageTimer, final_prefix, stop_position
-from .image_cache import ImageEmbeddingCache
-from .prompt import (ImageLike, PreparedRequest, Request, as_request, image_embeddings, is_conversation, prepare,
-                     prompt_embeddings)
-from .runner import Runner
+from .backends import load_runner
+from .backends.runner import Runner
+from .chat import Conversation
+from .config import GenerationConfig
+from .generation.batch import Batch
+from .generation.decoder import Decoder, final_prefix, stop_position
+from .generation.prompt import (ImageLike, PreparedRequest, Request, as_request, image_embeddings, is_conversation,
+                                prepare, prompt_embeddings)
+from .generation.results import GenerationResult, GenerationStats, PromptTooLongError
+from .generation.timing import StageTimer
 
 if TYPE_CHECKING:
-    from .chat import Conversation
-
-
-@dataclass
-class GenerationResult:
-    """text: the answer; token_ids: its ids, up to (not including) <|eot_id|>; stats: see Pipeline.generate."""
-
-    text: str
-    token_ids: list[int]
-    stats: dict = field(default_factory=dict)
-
-
-class PromptTooLongError(ValueError):
-    """The prompt and the answer do not fit in the model's or the engines' sequence length."""
+    from .generation.image_cache import ImageEmbeddingCache
 
 
 class Pipeline:
@@ -57,14 +48,12 @@ class Pipeline:
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "onnxruntime", *, device: str | None = None,
-             dtype: torch.dtype | None = None, providers: list[str] | None = None,
-             fused_cache: bool = True, image_cache_mb: float = 0) -> "Pipeline":
+             image_cache_mb: float = 0, **options) -> "Pipeline":
         """An engines folder with backend "onnxruntime" or "tensorrt", or a checkpoint folder with "torch".
 
-        device: "cpu" or "cuda" (default: "cuda" for tensorrt, else "cpu"); dtype (torch only): the
-        weights' dtype (default: float32 on a CPU, bfloat16 on CUDA); providers (onnxruntime only):
-        execution providers; fused_cache (torch only): see TorchRunner; image_cache_mb: keep up to this many
-        MB of image embeddings for images seen again (0 = none).
+        device: "cpu" or "cuda" (default: "cuda" for tensorrt, else "cpu"); image_cache_mb: keep up to this many MB
+        of image embeddings for images seen again (0 = none); options: the backend's own, torch: dtype (default:
+        float32 on a CPU, bfloat16 on CUDA) and fused_cache (see TorchRunner); onnxruntime: providers.
         """
         if not isinstance(path, (str, Path)):
             raise ValueError(f"path must be an engines folder (or a checkpoint folder for backend 'torch') as a str "
@@ -72,20 +61,12 @@ class Pipeline:
         if not isinstance(image_cache_mb, (int, float)) or isinstance(image_cache_mb, bool) \
                 or not 0 <= image_cache_mb < float("inf"):
             raise ValueError(f"image_cache_mb must be a number of MB >= 0, got {image_cache_mb!r}")
-        cache = ImageEmbeddingCache(int(image_cache_mb * 2**20)) if image_cache_mb > 0 else None
-        if backend == "onnxruntime":
-            from .ort_runner import OnnxRuntimeRunner
+        runner = load_runner(path, backend, device, **options)
+        if image_cache_mb == 0:
+            return cls(runner)
+        from .generation.image_cache import ImageEmbeddingCache
 
-            return cls(OnnxRuntimeRunner(path, device or "cpu", providers), cache)
-        if backend == "tensorrt":
-            from .trt_runner import TensorRTRunner
-
-            return cls(TensorRTRunner(path, device or "cuda"), cache)
-        if backend == "torch":
-            from .torch_runner import TorchRunner
-
-            return cls(TorchRunner(path, device or "cpu", dtype, fused_cache), cache)
-        raise ValueError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
+        return cls(runner, ImageEmbeddingCache(int(image_cache_mb * 2**20)))
 
     def close(self) -> None:
         self.runner.deactivate()
@@ -107,10 +88,7 @@ class Pipeline:
         as one batch and returns a list of results, each equal to its request run alone. on_step(text)
         receives the partially decoded answer after every step (single requests only).
 
-        stats: nfe (denoiser calls) = full_forwards + cached_forwards, steps, seconds, tokens_per_second
-        (answer tokens of the batch / seconds), batch_size, prompt_lengths, stage_seconds {preprocess,
-        vision, projector, full_forward, cached_forward, remasking, other (the rest)} and engine_seconds
-        (vision + projector + full and cached forwards). A batch's results share its stats.
+        Each result's stats (GenerationStats) are its batch's figures: denoiser calls, steps, seconds, per stage.
         """
         batched = isinstance(prompt, list) and not is_conversation(prompt)
         if batched:
@@ -123,24 +101,24 @@ class Pipeline:
                 raise ValueError("the list of requests is empty")
         else:
             requests = [self._request(prompt, image)]
-        decoder = self._prepare(requests, config)
+        decoder = self.start(requests, config)
         for answers in decoder:
             if on_step is not None:
-                on_step(self._partial_text(answers[0]))
-        results = self._results(decoder)
+                on_step(self.partial_text(answers[0]))
+        results = self.results(decoder)
         return results if batched else results[0]
 
     def stream(self, prompt, image: ImageLike | Sequence[ImageLike] | None = None,
-               config: GenerationConfig | None = None) -> "Stream":
-        """Iterate over the partially decoded answer after each step; `.result` holds the result at the end."""
-        return Stream(self, self._prepare([self._request(prompt, image)], config))
+               config: GenerationConfig | None = None, *,
+               on_done: Callable[[GenerationResult], None] | None = None) -> "Stream":
+        """Iterate over the partially decoded answer after each step; `.result` holds the result at the end, which
+        is also handed to on_done(result)."""
+        return Stream(self, self.start([self._request(prompt, image)], config), on_done)
 
-    def chat(self, config: GenerationConfig | None = None, system: str | None = None) -> "Conversation":
-        from .chat import Conversation
-
+    def chat(self, config: GenerationConfig | None = None, system: str | None = None) -> Conversation:
         return Conversation(self, config, system)
 
-    # ---- the loop -----------------------------------------------------------------------------------
+    # ---- the steps the public calls are made of (the serving room runs them itself) -------------------
 
     @staticmethod
     def _request(prompt, image) -> Request:
@@ -150,19 +128,24 @@ class Pipeline:
             return prompt
         return Request(prompt, image)
 
-    def _prepare(self, requests: list[Request], config: GenerationConfig | None) -> Decoder:
-        """Prompt embeddings of every request, left-padded into one batch, and the loop over it."""
+    def start(self, requests: list[Request], config: GenerationConfig | None) -> Decoder:
+        """The loop over `requests` (not run yet): their prompt embeddings, left-padded into one batch."""
         cfg = GenerationConfig() if config is None else config
         if not isinstance(cfg, GenerationConfig):
             raise ValueError(f"config must be a GenerationConfig, got {type(cfg).__name__}")
-        runner = self.runner
-        timer = StageTimer(runner.device)
+        timer = StageTimer(self.runner.device)
         with timer("preprocess"):
             prepared = [self.prepare(request) for request in requests]
         prompts = self.embed_prompts(prepared, timer)
         self.check_fits([len(prompt) for prompt in prompts], cfg)
-        batch = Batch.left_padded(prompts, cfg.gen_length, self.special.mask, runner)
-        return Decoder(runner, batch, cfg, self.special, self.banned_ids, timer)
+        return self.decoder(prompts, cfg, timer)
+
+    def decoder(self, prompts: list[torch.Tensor], cfg: GenerationConfig, timer: StageTimer,
+                seeds: list[int] | None = None, tags: list | None = None) -> Decoder:
+        """The loop over prompt embeddings [Lp, C] (checked with check_fits), one row each; seeds and tags per row
+        (see Decoder)."""
+        batch = Batch.left_padded(prompts, cfg.gen_length, self.special.mask, self.runner)
+        return Decoder(self.runner, batch, cfg, self.special, self.banned_ids, timer, seeds, tags)
 
     def prepare(self, request: Request) -> PreparedRequest:
         """The request's prompt ids and decoded images: the CPU work before the engines, safe on any thread."""
@@ -174,17 +157,30 @@ class Pipeline:
         images = image_embeddings(prepared, self.runner, timer, self.image_cache)
         return [prompt_embeddings(p.ids, im, self.runner) for p, im in zip(prepared, images)]
 
-    def _results(self, decoder: Decoder) -> list[GenerationResult]:
+    def results(self, decoder: Decoder) -> list[GenerationResult]:
+        """Every row's result once the loop is done; they share the batch's figures (GenerationStats)."""
         seconds = decoder.timer.elapsed()
-        results = [self._result(answer) for answer in decoder.answers]
-        counts = decoder.counts
-        stats = {"nfe": counts["full_forwards"] + counts["cached_forwards"], **counts, "seconds": seconds,
-                 "tokens_per_second": sum(len(res.token_ids) for res in results) / seconds,
-                 "batch_size": len(results), "prompt_lengths": decoder.batch.prompt_lengths,
-                 **decoder.timer.stats(seconds)}
-        for res in results:
-            res.stats = copy.deepcopy(stats)
-        return results
+        answers = [self.final_answer(ids) for ids in decoder.answers]
+        counts, timing = decoder.counts, decoder.timer.stats(seconds)
+        tokens = sum(len(ids) for ids, _ in answers)
+        return [GenerationResult(self.text(ids), ids, GenerationStats(
+            nfe=counts["full_forwards"] + counts["cached_forwards"], **counts, seconds=seconds,
+            tokens_per_second=tokens / seconds, batch_size=len(answers),
+            prompt_lengths=list(decoder.batch.prompt_lengths), **copy.deepcopy(timing), finish_reason=reason))
+            for ids, reason in answers]
+
+    def final_answer(self, answer: list[int]) -> tuple[list[int], str]:
+        """The answer's ids up to (not including) <|eot_id|>, and why it ended: "stop" at <|eot_id|>, "length"
+        when it ran to the end of `answer`."""
+        stop = stop_position(answer, self.special.eot)
+        return answer[:stop], "stop" if stop < len(answer) else "length"
+
+    def text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def partial_text(self, answer: list[int]) -> str:
+        """The answer decoded up to its first still-masked position or <|eot_id|>."""
+        return self.text(final_prefix(answer, self.special))
 
     def check_fits(self, prompt_lengths: list[int], cfg: GenerationConfig) -> None:
         """PromptTooLongError when a prompt of these many positions and the answer do not fit the model or the
@@ -215,14 +211,6 @@ class Pipeline:
                                          f"the maximum sequence length {limit} of these engines/this model; shorten "
                                          f"the prompt, use fewer or smaller images, or lower gen_length")
 
-    def _result(self, answer: list[int]) -> GenerationResult:
-        ids = answer[:stop_position(answer, self.special.eot)]
-        return GenerationResult(self.tokenizer.decode(ids, skip_special_tokens=True), ids)
-
-    def _partial_text(self, answer: list[int]) -> str:
-        """The answer decoded up to its first still-masked position or <|eot_id|>."""
-        return self.tokenizer.decode(final_prefix(answer, self.special), skip_special_tokens=True)
-
 
 class Stream:
     """Iterator over the partial answer text after each step of one request; `.result` once exhausted."""
@@ -241,8 +229,8 @@ class Stream:
             answers = next(self._steps)
         except StopIteration:
             if self.result is None:
-                self.result = self._pipeline._results(self._decoder)[0]
+                self.result = self._pipeline.results(self._decoder)[0]
                 if self._on_done is not None:
                     self._on_done(self.result)
             raise
-        return self._pipeline._partial_text(answers[0])
+        return self._pipeline.partial_text(answers[0])

@@ -1,5 +1,5 @@
 """A stand-in for the `tensorrt` package and for torch's CUDA streams, so that the TensorRT paths (the build's
-profiles and plan validation, exporter/trt_plan.py, runtime/trt_runner.py) run on a CPU.
+profiles and plan validation, exporter/trt_plan.py, runtime/backends/tensorrt.py) run on a CPU.
 
 It enforces what TensorRT's API documents and a wrong implementation would get wrong, instead of answering
 yes to everything: a "plan" holds the ONNX part (weights inlined) and its optimization profiles, and its execution context
@@ -206,7 +206,7 @@ class _Context:
 
 
 class FakeStream:
-    """torch.cuda.Stream's part that trt_plan and ort_runner use; waits are logged."""
+    """torch.cuda.Stream's part that trt_plan and the ONNX Runtime runner use; waits are logged."""
 
     count = 0
 

@@ -62,6 +62,21 @@ def test_refresh_interval_threshold_rows(engines_dir, tmp_path):
         assert rows[label]["full_forwards"] + rows[label]["cached_forwards"] < baseline_calls
 
 
+def test_refresh_interval_policy_rows_and_their_plot(engines_dir, tmp_path):
+    out = tmp_path / "out"
+    assert refresh_interval.main(["--engines", str(engines_dir), "--cache", "dual", "--intervals", "1", "4",
+                                  "--drift-thresholds", "1e9", "--committed", "1", "--out", str(out),
+                                  *TINY]) == 0
+    rows = {s["row"]: s for s in json.loads((out / "results.json").read_text())["summaries"]}
+    assert list(rows) == ["baseline (no cache)", "dual r=1", "dual r=4", "dual drift 1e+09", "dual committed 1"]
+    assert rows["dual drift 1e+09"]["refresh"] == "drift" and rows["dual drift 1e+09"]["refresh_interval"] == 4
+    # A drift never reached refreshes once per block (4 steps here), like r=4; one token a refresh is r=1.
+    for policy, fixed in (("dual drift 1e+09", "dual r=4"), ("dual committed 1", "dual r=1")):
+        assert {k: rows[policy][k] for k in ("full_forwards", "cached_forwards", "agreement")} == \
+            {k: rows[fixed][k] for k in ("full_forwards", "cached_forwards", "agreement")}
+    assert (out / "refresh_policies.png").stat().st_size > 1000
+
+
 def test_refresh_interval_torch_rows_start_with_the_plain_pytorch_loops(tmp_path):
     out = tmp_path / "out"
     assert refresh_interval.main(["--engines", str(SHIPPED_MODEL_DIR), "--backend", "torch", "--cache", "dual",
@@ -84,7 +99,7 @@ def test_fast_dllm_loops_are_the_runtime_at_one_refresh_per_block(no_eot_model_d
     from benchmarks.fast_dllm_loops import cached_loop
     from runtime import GenerationConfig, Pipeline
     from runtime import Request as RuntimeRequest
-    from runtime.decoding import StageTimer
+    from runtime.generation.timing import StageTimer
 
     pipe = Pipeline.load(no_eot_model_dir, backend="torch")
     config = GenerationConfig(gen_length=16, block_length=8, steps=16, cache=cache, refresh_interval=8)

@@ -9,8 +9,9 @@ import torch
 
 import llada_v
 from runtime import GenerationConfig, Pipeline
-from runtime.kv_cache import KVCache
-from runtime.torch_runner import TorchRunner
+from runtime.generation.cache import KVCache
+from runtime.generation.refresh import FixedInterval, RowSignals
+from runtime.backends.pytorch import TorchRunner
 
 PROMPTS = ["What colour is the square?", "How many shapes are there? Answer with one word."]
 
@@ -27,14 +28,18 @@ def image(seed: int, size=(90, 140)) -> np.ndarray:
 # ---- KVCache ------------------------------------------------------------------------------------------
 
 def test_refresh_at_block_start_and_every_interval():
-    cache = KVCache("dual", 3, (1, 1, 1, 4, 2), torch.float32, torch.device("cpu"))
-    assert [s for s in range(8) if cache.should_refresh(s)] == [0, 3, 6]
+    cache = KVCache("dual", FixedInterval(3), (1, 1, 1, 4, 2), torch.float32, torch.device("cpu"))
+    assert [s for s in range(8) if cache.refreshes(RowSignals(step=s))] == [0, 3, 6]
 
 
-def test_update_writes_rows_in_place():
-    cache = KVCache("prefix", 2, (2, 3, 1, 5, 2), torch.float32, torch.device("cpu"))
+def test_a_full_pass_over_some_rows_writes_them_in_place():
+    class Presents:  # a runner whose full pass gives keys 7 and values 8
+        def denoise_full(self, *inputs):
+            return "logits", torch.full((2, 2, 1, 5, 2), 7.0), torch.full((2, 2, 1, 5, 2), 8.0)
+
+    cache = KVCache("prefix", FixedInterval(2), (2, 3, 1, 5, 2), torch.float32, torch.device("cpu"))
     keys_ptr = cache.keys.data_ptr()
-    cache.update(torch.full((2, 2, 1, 5, 2), 7.0), torch.full((2, 2, 1, 5, 2), 8.0), torch.tensor([0, 2]))
+    assert cache.full_pass(Presents(), (), torch.tensor([0, 2])) == "logits"
     assert cache.keys.data_ptr() == keys_ptr
     assert cache.keys[:, [0, 2]].eq(7).all() and cache.values[:, [0, 2]].eq(8).all()
     assert cache.keys[:, 1].eq(0).all() and cache.values[:, 1].eq(0).all()
@@ -42,7 +47,7 @@ def test_update_writes_rows_in_place():
 
 @pytest.mark.parametrize("mode, expected_end", [("dual", 6), ("prefix", 10)])
 def test_past_mask_hides_the_query_span(mode, expected_end):
-    cache = KVCache(mode, 2, (1, 2, 1, 10, 2), torch.float32, torch.device("cpu"))
+    cache = KVCache(mode, FixedInterval(2), (1, 2, 1, 10, 2), torch.float32, torch.device("cpu"))
     attention_mask = torch.tensor([[1] * 10, [0, 0] + [1] * 8])
     end = cache.query_end(6)
     assert end == expected_end
@@ -55,7 +60,7 @@ def test_past_mask_hides_the_query_span(mode, expected_end):
 
 def test_cache_mode_must_be_prefix_or_dual():
     with pytest.raises(ValueError, match="cache mode must be 'prefix' or 'dual'"):
-        KVCache("none", 1, (1, 1, 1, 1, 1), torch.float32, torch.device("cpu"))
+        KVCache("none", FixedInterval(1), (1, 1, 1, 1, 1), torch.float32, torch.device("cpu"))
 
 
 # ---- in the loop -------------------------------------------------------------------------------------
@@ -92,11 +97,11 @@ class SpyRunner(TorchRunner):
         return super()._denoise_logits_impl(inputs_embeds, position_ids, attention_mask, logits_index)
 
     def _denoise_cached_impl(self, inputs_embeds, position_ids, attention_mask, logits_index,
-                             past_keys, past_values, past_mask, query_start):
+                             past_keys, past_values, past_mask, query_start, with_keys):
         self.calls.append(("cached", inputs_embeds.shape[1], past_keys.data_ptr(), tuple(past_keys.shape),
                            past_mask.clone(), query_start, past_values.data_ptr()))
         return super()._denoise_cached_impl(inputs_embeds, position_ids, attention_mask, logits_index,
-                                            past_keys, past_values, past_mask, query_start)
+                                            past_keys, past_values, past_mask, query_start, with_keys)
 
 
 @pytest.mark.parametrize("cache, interval, steps", [("none", 1, 16), ("dual", 3, 16), ("prefix", 2, 8),

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.server_process import ServerProcess, user_message
 from runtime import GenerationConfig, Pipeline, Request
-from runtime.prompt import request_ids
+from runtime.generation.prompt import request_ids
 
 
 @pytest.fixture(scope="module")

@@ -197,7 +197,7 @@ def test_fp16_graphs_keep_norms_softmax_and_rope_in_float32(engines):
 
 def test_fp16_engines_on_the_cpu_provider_say_what_the_cpu_does(engines):
     from runtime import Pipeline
-    from runtime.ort_runner import OnnxRuntimeRunner
+    from runtime.backends.onnx_runtime import OnnxRuntimeRunner
 
     with pytest.warns(UserWarning, match="keeps an fp32 copy of the weights"):
         OnnxRuntimeRunner(engines["fp16"])
@@ -331,7 +331,7 @@ def test_every_weight_matmul_reads_its_initializer_directly(engines):
 def test_one_onnx_runtime_session_holds_the_denoiser_weights(engines):
     """Both passes run in the one denoiser session (tests/test_runners.py checks the bindings), so the weights
     are in memory once."""
-    from runtime.ort_runner import OnnxRuntimeRunner
+    from runtime.backends.onnx_runtime import OnnxRuntimeRunner
 
     with OnnxRuntimeRunner(engines["fp32"]) as runner:
         assert sorted(runner.sessions) == ["denoiser", "projector", "vision"]

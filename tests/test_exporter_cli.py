@@ -19,7 +19,7 @@ import exporter.validate
 import llada_v
 from exporter.__main__ import main
 from exporter.trt_build import unavailable_reason
-from runtime.engines import open_engines
+from runtime.backends.engines import open_engines
 
 REPO = Path(__file__).resolve().parents[1]
 

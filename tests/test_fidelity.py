@@ -55,7 +55,7 @@ def picture(width, height, seed=0, mode="RGB") -> Image.Image:
 
 @pytest.mark.parametrize("n_images", [0, 1, 3])
 def test_prompt_ids_drop_the_first_token_after_each_image(tokenizer, n_images):
-    from runtime.prompt import Request, request_ids
+    from runtime.generation.prompt import Request, request_ids
 
     ours = request_ids(Request(QUESTION, [picture(8, 8)] * n_images), tokenizer)
     text = official.prompt_question(tokenizer, QUESTION, n_images)

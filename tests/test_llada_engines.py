@@ -14,7 +14,7 @@ from llada_v import LladaVConfig
 from llada_v.config import LLADA, LLADA_V
 from llada_v.weights import checkpoint_config
 from runtime import GenerationConfig, Pipeline
-from runtime.engines import open_engines
+from runtime.backends.engines import open_engines
 
 PRECISIONS = ["fp32", "fp16", "int8", "int4"]
 

@@ -15,8 +15,8 @@ from llada_v import IMAGE_TOKEN_INDEX, SpecialTokens, conversation_ids, load_tok
 from llada_v.image_processing import merge_tile_embeddings, preprocess
 from runtime import GenerationConfig, Pipeline, Request, Runner
 from runtime.__main__ import main
-from runtime.decoding import Batch
-from runtime.prompt import as_request
+from runtime.generation.batch import Batch
+from runtime.generation.prompt import as_request
 
 SHIPPED = llada_v.SHIPPED_MODEL_DIR
 
@@ -398,6 +398,17 @@ def test_cli_generate(engines_dir, ort_pipe, capsys, tmp_path):
     assert capsys.readouterr().out.endswith(expected.text + "\n")
 
 
+def test_cli_refresh_policy(engines_dir, ort_pipe, capsys):
+    assert main(["generate", "--engines", str(engines_dir), "--prompt", "Which colour?", "--gen-length", "16",
+                 "--block-length", "8", "--cache", "dual", "--refresh", "drift", "--refresh-interval", "8",
+                 "--drift-threshold", "1e-6", "--stats"]) == 0
+    out, err = capsys.readouterr()
+    expected = ort_pipe.generate("Which colour?", config=GenerationConfig(
+        gen_length=16, block_length=8, cache="dual", refresh="drift", refresh_interval=8, drift_threshold=1e-6))
+    assert out == expected.text + "\n"
+    assert json.loads(err)["full_forwards"] == expected.stats.full_forwards
+
+
 def test_cli_official_settings(engines_dir, ort_pipe, capsys):
     assert main(["generate", "--engines", str(engines_dir), "--prompt", "What colour is the circle?",
                  "--official", "--gen-length", "8", "--stats"]) == 0
@@ -412,6 +423,9 @@ def test_cli_official_settings(engines_dir, ort_pipe, capsys):
     (["--gen-length", "10", "--block-length", "4"], "not a multiple of block_length"),
     (["--cache", "full"], "invalid choice: 'full'"),
     (["--refresh-interval", "0"], "refresh_interval must be >= 1"),
+    (["--refresh", "adaptive"], "invalid choice: 'adaptive'"),
+    (["--drift-threshold", "-1"], "drift_threshold must be a finite number > 0"),
+    (["--official", "--refresh", "drift"], "--official sets the decoding itself: drop --refresh"),
     (["--image", "/nonexistent.png"], "does not exist"),
 ])
 def test_cli_errors_are_one_line_and_exit_2(engines_dir, capsys, extra, match):

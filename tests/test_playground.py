@@ -1,4 +1,4 @@
-"""The playground (runtime/playground/) in a real browser: headless Chromium (Debian's `chromium`, driven by
+"""The playground (runtime/serving/static/) in a real browser: headless Chromium (Debian's `chromium`, driven by
 Playwright) against the real server process with an API key. The page asks for the key, the example image is
 uploaded, questions are asked over two turns, the canvas shows masked positions before the final answer, and each
 final answer equals the API's answer to the same request.

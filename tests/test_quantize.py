@@ -205,7 +205,7 @@ def test_quantized_engines_answer_held_out_questions(quantized, precision):
 def test_quantized_engines_keep_the_embedding_table_in_fp16(quantized):
     from safetensors.numpy import load_file
 
-    from runtime.ort_runner import OnnxRuntimeRunner
+    from runtime.backends.onnx_runtime import OnnxRuntimeRunner
 
     stored = load_file(quantized["int4"] / "embeddings.safetensors")
     assert stored["embed_tokens"].dtype == np.float16 and stored["image_newline"].dtype == np.float32

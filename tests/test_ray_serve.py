@@ -1,4 +1,4 @@
-"""Scale-out on Ray Serve (runtime/ray_serve.py): `python -m runtime serve --ray --replicas 2` answers from both
+"""Scale-out on Ray Serve (runtime/serving/ray_serve.py): `python -m runtime serve --ray --replicas 2` answers from both
 replicas, each answer that of a single process."""
 
 from concurrent.futures import ThreadPoolExecutor

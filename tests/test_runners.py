@@ -10,8 +10,8 @@ import torch
 import llada_v
 from exporter.build import build_engines
 from runtime import GenerationConfig, Pipeline
-from runtime.ort_runner import OnnxRuntimeRunner
-from runtime.torch_runner import TorchRunner
+from runtime.backends.onnx_runtime import OnnxRuntimeRunner
+from runtime.backends.pytorch import TorchRunner
 
 
 def ort_has_cuda() -> bool:
@@ -35,7 +35,7 @@ def runner(request, engines_dir, tmp_path_factory):
     elif request.param.startswith("onnxruntime"):
         runner = OnnxRuntimeRunner(engines_dir, device="cuda" if request.param == "onnxruntime-cuda" else "cpu")
     else:
-        from runtime.trt_runner import TensorRTRunner
+        from runtime.backends.tensorrt import TensorRTRunner
 
         plans = build_engines(None, tmp_path_factory.mktemp("plans") / "engines", "fp32", backend="tensorrt",
                               progress=False)
@@ -110,6 +110,21 @@ def test_cached_pass_on_a_fresh_cache_equals_the_full_pass(runner):
     cached = runner.denoise_cached(embeds[:, 6:10], positions[:, 6:10], mask[:, 6:10], arange(4, runner),
                                    keys.clone(), values.clone(), past_mask, 6)
     torch.testing.assert_close(cached, full_logits, **tolerance(runner))
+
+
+def test_cached_pass_gives_the_queries_fresh_keys(runner):
+    """with_keys: the cached pass also returns its queries' fresh keys (what the drift policy reads); on a fresh
+    cache they are the full pass's keys at the queries' slots, and the logits are those without with_keys."""
+    embeds, positions, mask = denoiser_inputs(runner)
+    _, keys, values = runner.denoise_full(embeds, positions, mask, arange(4, runner, start=6))
+    past_mask = mask.clone()
+    past_mask[:, 6:10] = 0
+    args = embeds[:, 6:10], positions[:, 6:10], mask[:, 6:10], arange(4, runner)
+    logits = runner.denoise_cached(*args, keys.clone(), values.clone(), past_mask, 6)
+    got_logits, fresh = runner.denoise_cached(*args, keys.clone(), values.clone(), past_mask, 6, with_keys=True)
+    torch.testing.assert_close(got_logits, logits, atol=0, rtol=0)
+    assert fresh.shape == keys[:, :, :, 6:10].shape
+    torch.testing.assert_close(fresh, keys[:, :, :, 6:10], **tolerance(runner))
 
 
 def test_full_pass_writes_given_buffers_and_engines_bind_their_layers(runner, monkeypatch):
@@ -415,10 +430,10 @@ def test_settings_beyond_the_engines_limits_are_refused_before_any_work(engines_
 
 
 def test_torch_backend_defaults_to_the_checkpoints_bf16_on_cuda(monkeypatch):
-    import runtime.torch_runner
-    from runtime.torch_runner import TorchRunner
+    import runtime.backends.pytorch
+    from runtime.backends.pytorch import TorchRunner
 
     assert TorchRunner(llada_v.SHIPPED_MODEL_DIR, "cpu").dtype == torch.float32
-    monkeypatch.setattr(runtime.torch_runner, "resolve_device", lambda device, backend: torch.device("cuda", 0))
+    monkeypatch.setattr(runtime.backends.pytorch, "resolve_device", lambda device, backend: torch.device("cuda", 0))
     assert TorchRunner(llada_v.SHIPPED_MODEL_DIR, "cuda").dtype == torch.bfloat16
     assert TorchRunner(llada_v.SHIPPED_MODEL_DIR, "cuda", torch.float16).dtype == torch.float16

@@ -1,4 +1,4 @@
-"""Iteration-level batching (runtime/scheduler.py, Decoder.admit/retire) and the image-embedding cache: every
+"""Iteration-level batching (runtime/serving/scheduler.py, Decoder.admit/retire) and the image-embedding cache: every
 answer equals its request run alone, with rows joining and leaving between steps."""
 
 import threading
@@ -10,10 +10,12 @@ from PIL import Image
 
 import llada_v
 from runtime import GenerationConfig, Pipeline, Request
-from runtime.decoding import Batch, Decoder, StageTimer
-from runtime.image_cache import ImageEmbeddingCache
-from runtime.metrics import ServerMetrics
-from runtime.scheduler import QueueFullError, RequestTimeoutError, Scheduler, SchedulerStoppedError
+from runtime.generation.batch import Batch
+from runtime.generation.decoder import Decoder
+from runtime.generation.timing import StageTimer
+from runtime.generation.image_cache import ImageEmbeddingCache
+from runtime.serving.metrics import ServerMetrics
+from runtime.serving.scheduler import QueueFullError, RequestTimeoutError, Scheduler, SchedulerStoppedError
 
 
 @pytest.fixture(scope="module")
@@ -70,16 +72,17 @@ def test_rows_joining_and_leaving_answer_as_alone(long_pipe, settings):
 
 
 @pytest.mark.parametrize("cache", ["none", "dual"])
-def test_full_passes_per_row_equal_the_batched_full_pass(long_pipe, cache):
+def test_full_passes_per_row_equal_the_batched_full_pass(long_pipe, cache, monkeypatch):
     """The CPU's per-row full passes (runner.full_pass_per_row) against the plain batched one."""
     cfg = GenerationConfig(gen_length=16, block_length=8, steps=16, cache=cache, refresh_interval=3)
     requests = [Request(p, i) for p, i in REQUESTS]
     prompts = long_pipe.embed_prompts(requests, StageTimer(long_pipe.runner.device))
     answers, calls = [], []
     for per_row in (False, True):
+        monkeypatch.setattr(type(long_pipe.runner), "full_pass_per_row", property(lambda runner: per_row))
         batch = Batch.left_padded(prompts, cfg.gen_length, long_pipe.special.mask, long_pipe.runner)
         decoder = Decoder(long_pipe.runner, batch, cfg, long_pipe.special, long_pipe.banned_ids,
-                          StageTimer(long_pipe.runner.device), full_pass_per_row=per_row)
+                          StageTimer(long_pipe.runner.device))
         for _ in decoder:
             pass
         answers.append(decoder.answers)
@@ -281,7 +284,7 @@ def test_max_batch_is_clamped_to_what_the_engines_take(engines_dir, caplog):
 
     pipe = Pipeline.load(engines_dir)
     pipe.runner.limits = dataclasses.replace(pipe.runner.limits, max_batch=2)
-    with caplog.at_level("WARNING", logger="runtime.scheduler"):
+    with caplog.at_level("WARNING", logger="runtime.serving.scheduler"):
         scheduler = Scheduler(pipe, max_batch=8)
     assert scheduler.max_batch == 2
     assert "max_batch 8 is more rows than these engines take in one call (2" in caplog.text

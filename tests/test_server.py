@@ -1,4 +1,4 @@
-"""The OpenAI-compatible server (runtime/server.py), driven as a real process with the real `openai` client and
+"""The OpenAI-compatible server (runtime/serving/app.py), driven as a real process with the real `openai` client and
 httpx: answers equal to the same request run alone, streaming, metrics, errors, cancellation and SIGTERM."""
 
 import base64
@@ -16,12 +16,13 @@ from fastapi.testclient import TestClient
 from openai import OpenAI
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import ValidationError
 
 import llada_v
 from benchmarks.server_process import ServerProcess, user_message
 from runtime import GenerationConfig, Pipeline
-from runtime import server as server_module
-from runtime.server import ServerSettings, create_app
+from runtime.serving import app as server_module
+from runtime.serving.app import ServerSettings, create_app
 
 # max_tokens 8 with the server's default block 32 -> gen_length 8 in one block of 8, 8 steps (see generation_config).
 CONFIG_8 = dict(gen_length=8, block_length=8, steps=8)
@@ -132,6 +133,23 @@ def test_sixteen_concurrent_clients_get_their_answers_alone(long_server, long_pi
     calls = metric(long_server.url, "llada_denoiser_calls_total", kind="full") + \
         metric(long_server.url, "llada_denoiser_calls_total", kind="cached") - calls_before
     assert calls < sum(nfe for _, nfe in answers)  # rows shared denoiser calls
+
+
+def test_refresh_policy_as_extra_body_fields(long_server, long_pipe):
+    """The refresh policy and its parameters travel as extra body fields: the answer and the denoiser calls are the
+    library's with the same settings."""
+    cfg = GenerationConfig(gen_length=16, block_length=8, steps=16, cache="dual", refresh="drift", refresh_interval=8,
+                           drift_threshold=1e-6)
+    expected = long_pipe.generate("Tell me about the sea.", config=cfg)
+    answer = client(long_server).chat.completions.create(
+        model="m", messages=[user_message("Tell me about the sea.", [])], max_tokens=16,
+        extra_body={"block_length": 8, "steps": 16, "cache": "dual", "refresh": "drift", "refresh_interval": 8,
+                    "drift_threshold": 1e-6})
+    assert answer.choices[0].message.content == expected.text
+    llada = answer.model_extra["llada"]
+    assert (llada["full_forwards"], llada["cached_forwards"]) == (expected.stats.full_forwards,
+                                                                  expected.stats.cached_forwards)
+    assert expected.stats.cached_forwards > 0
 
 
 def test_stream_only_ever_adds_text(long_server, long_pipe):
@@ -406,6 +424,13 @@ def test_request_to_generation_config_mapping():
     body = server_module.ChatCompletionRequest(messages=HI, threshold=0.9, seed=7, temperature=0.0)
     cfg, max_tokens = server_module.generation_config(body, defaults)
     assert (cfg.threshold, cfg.seed, max_tokens) == (0.9, 7, 64)
+    assert (cfg.refresh, cfg.drift_threshold) == (defaults.refresh, defaults.drift_threshold)
+    body = server_module.ChatCompletionRequest(messages=HI, refresh="drift", refresh_interval=32, drift_threshold=0.1)
+    cfg, _ = server_module.generation_config(body, defaults)
+    assert (cfg.refresh, cfg.refresh_interval, cfg.drift_threshold) == ("drift", 32, 0.1)
+    for bad in (dict(refresh="adaptive"), dict(drift_threshold=0), dict(drift_threshold=float("inf"))):
+        with pytest.raises(ValidationError):
+            server_module.ChatCompletionRequest(messages=HI, **bad)
 
 
 def test_image_parts_go_before_the_text_as_llada_v_was_trained():

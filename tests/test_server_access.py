@@ -1,4 +1,4 @@
-"""Who may use the server (runtime/auth.py, serve_cli.py, server.py), against the real process: API keys on every path
+"""Who may use the server (runtime/serving/auth.py, cli.py, app.py), against the real process: API keys on every path
 but /health, /metrics and the playground, checked before the body is read; CORS; the Host check; /docs off."""
 
 import socket
@@ -12,9 +12,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import llada_v
 from benchmarks.server_process import ServerProcess, user_message
-from runtime.auth import api_keys
-from runtime.serve_cli import allowed_hosts, is_loopback
-from runtime.server import ServerSettings, create_app
+from runtime.serving.auth import api_keys
+from runtime.serving.cli import allowed_hosts, is_loopback
+from runtime.serving.app import ServerSettings, create_app
 
 ORIGIN = "https://app.example.com"
 

@@ -18,7 +18,7 @@ from exporter.profiles import activation_bytes, default_limits, engine_bytes, pa
 from exporter.trt_plan import PlanError, PlanExecutor, aligned, is_aligned
 from llada_v import LladaVConfig
 from runtime import GenerationConfig, Pipeline
-from runtime.kv_cache import layer_aligned
+from runtime.generation.cache import layer_aligned
 
 GB = 1e9
 LIMITS = dict(max_batch=2, max_block=16, max_gen_length=32)  # small, so chunking and clipping are exercised
@@ -177,9 +177,9 @@ def test_alignment_helpers():
 # ---- the runtime on TensorRT engines ------------------------------------------------------------------------
 
 def test_tensorrt_runner_gives_onnx_runtime_tokens_in_engine_sized_calls(fake_trt, trt_engines, monkeypatch):
-    import runtime.trt_runner
+    import runtime.backends.tensorrt
 
-    monkeypatch.setattr(runtime.trt_runner, "resolve_device", lambda device, backend: torch.device("cpu"))
+    monkeypatch.setattr(runtime.backends.tensorrt, "resolve_device", lambda device, backend: torch.device("cpu"))
     trt = Pipeline.load(trt_engines, backend="tensorrt", device="cuda")
     ort = Pipeline.load(trt_engines, backend="onnxruntime")
     assert trt.runner.limits.max_batch == 2
@@ -196,7 +196,7 @@ def test_tensorrt_runner_gives_onnx_runtime_tokens_in_engine_sized_calls(fake_tr
 
 def test_onnx_runtime_on_cuda_runs_on_a_stream_of_its_own(engines_dir, monkeypatch):
     """torch's default stream has handle 0, which ONNX Runtime reads as "no user stream"."""
-    from runtime.ort_runner import OnnxRuntimeRunner
+    from runtime.backends.onnx_runtime import OnnxRuntimeRunner
 
     log = []
     caller = fake_tensorrt.install_fake_cuda(monkeypatch, log)

@@ -4,7 +4,7 @@
         [--cache none|prefix|dual] [--refresh-interval N] [--limit N]
 
 The torch / onnxruntime / tensorrt backends go through the project's runtime (`runtime.Pipeline`).
-`reference` decodes with the plain LLaDA loop in PyTorch below (low-confidence remasking,
+`reference` decodes with the plain LLaDA loop in PyTorch (llada_v/generate.py) (low-confidence remasking,
 temperature 0, no cache): the figure the runtime's `cache="none"` must reproduce.
 A predictor maps a list of examples to their answers; `accuracy` scores them. Other benchmarks reuse
 `load_examples`, `is_exact_match` and `token_f1`.
@@ -22,9 +22,12 @@ from typing import Callable
 import torch
 
 from llada_v import SHIPPED_MODEL_DIR, SpecialTokens, load_model, load_tokenizer
+from llada_v.generate import reference_loop
+from runtime.backends import BACKENDS
+from runtime.config import CACHE_MODES
 
 from .data import LONG_TYPES, QUESTION_TYPES, Example, load_examples
-from .train import Encoder, denoise, prompt_embeddings
+from .train import Encoder, prompt_embeddings
 
 # The decodings the demo model was trained for, one token per step: one-word answers in one block of 8 tokens,
 # descriptions in 64 (two blocks of 32).
@@ -117,58 +120,6 @@ def reference_generate(model, encoder: Encoder, examples: list[Example], gen_len
     return texts
 
 
-@torch.no_grad()
-def reference_loop(model, prompts: list[torch.Tensor], special: SpecialTokens, gen_length: int, block_length: int,
-                   steps: int) -> tuple[torch.Tensor, int]:
-    """LLaDA-V's sampler on a batch of prompt embeddings [Lp, C]: low-confidence remasking, temperature 0, and
-    its stop rule (once <|eot_id|> is committed only the positions before it compete). Returns the answer
-    ids [B, gen_length] and the number of denoiser calls."""
-    steps_per_block = steps_per_block_of(gen_length, block_length, steps)
-    x = torch.full((len(prompts), gen_length), special.mask)
-    calls = 0
-    for start in range(0, gen_length, block_length):
-        for k in block_schedule(block_length, steps_per_block):
-            eligible = eligible_positions(x, start, start + block_length, special)
-            if not eligible.any():
-                break  # every row's block is filled, or its answer ended before it
-            logits = denoise(model, prompts, x)
-            calls += 1
-            commit_most_confident(x, logits, eligible, k, special)
-    return x, calls
-
-
-def steps_per_block_of(gen_length: int, block_length: int, steps: int) -> int:
-    if gen_length % block_length or steps % (gen_length // block_length):
-        raise ValueError("gen_length must be a multiple of block_length, and steps of the number of blocks")
-    return steps // (gen_length // block_length)
-
-
-def block_schedule(masks: int, steps: int) -> list[int]:
-    """Positions committed at each step of a block: `masks` spread evenly over `steps` (get_num_transfer_tokens)."""
-    return [masks // steps + (s < masks % steps) for s in range(steps)]
-
-
-def eligible_positions(x: torch.Tensor, start: int, end: int, special: SpecialTokens) -> torch.Tensor:
-    """[B, gen_length] bool: masked, inside the block [start, end), and before the row's first <|eot_id|>."""
-    positions = torch.arange(x.shape[1])
-    is_eot = x == special.eot
-    stops = torch.where(is_eot.any(1), is_eot.int().argmax(1), x.shape[1])
-    return (x == special.mask) & (positions >= start) & (positions < end) & (positions < stops[:, None])
-
-
-def commit_most_confident(x: torch.Tensor, logits: torch.Tensor, eligible: torch.Tensor, k: int,
-                          special: SpecialTokens) -> None:
-    """Low-confidence remasking at temperature 0, in place: each row commits its (at most) k most confident
-    eligible positions. x, eligible [B, L]; logits [B, L, V] at the same positions (L: a slice of the answer)."""
-    banned = list(special.banned_at_masked)
-    logits[..., banned] = torch.where((x == special.mask)[..., None], float("-inf"), logits[..., banned])
-    confidence, x0 = logits.double().softmax(-1).max(-1)  # float64, as LLaDA's generate.py
-    confidence = torch.where(eligible, confidence, float("-inf"))
-    for row in range(x.shape[0]):
-        top = confidence[row].topk(min(k, int(eligible[row].sum()))).indices
-        x[row, top] = x0[row, top]
-
-
 def reference_predictor(model_dir: str | Path = SHIPPED_MODEL_DIR, batch_size: int = 50, **decode) -> Predictor:
     """The reference loop as a predictor, decoding `batch_size` examples at a time (`decode`: gen_length,
     block_length and steps for every example; default: each example's kind's)."""
@@ -202,9 +153,9 @@ def main() -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", type=Path, help="checkpoint folder (default: the shipped model)")
     source.add_argument("--engines", type=Path, help="exported engines folder")
-    parser.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt", "reference"), default=None,
+    parser.add_argument("--backend", choices=(*BACKENDS, "reference"), default=None,
                         help="default: onnxruntime with --engines, else torch")
-    parser.add_argument("--cache", choices=("none", "prefix", "dual"), default="none")
+    parser.add_argument("--cache", choices=CACHE_MODES, default="none")
     parser.add_argument("--refresh-interval", type=int, default=1)
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N held-out examples")
     parser.add_argument("--seed", type=int, default=0, help="data seed of the held-out split")

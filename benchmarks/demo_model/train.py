@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 from llada_v import IMAGE_TOKEN_INDEX, SHIPPED_MODEL_DIR, LladaV, SpecialTokens, conversation_ids, save_model
 from llada_v.config import tiny_config
+from llada_v.generate import denoise
 from llada_v.image_processing import ImageTiles, merge_tile_embeddings, preprocess
 from llada_v.tiny import build_tokenizer, init_weights
 from llada_v.tokenizer import SYSTEM_PROMPT, load_tokenizer
@@ -131,29 +132,6 @@ def prompt_embeddings(model: LladaV, batch: list[Encoded]) -> list[torch.Tensor]
         (at,) = (ids == IMAGE_TOKEN_INDEX).nonzero()[:, 0].tolist()
         out.append(torch.cat((embed(ids[:at]), image, embed(ids[at + 1:]))))
     return out
-
-
-def denoise(model: LladaV, prompts: list[torch.Tensor], response: torch.Tensor) -> torch.Tensor:
-    """Logits [B, R, V] at the response positions for prompts [Lp_b, C] each followed by response ids [B, R].
-
-    Sequences are right-padded to the longest; padding is removed from attention by `attention_mask`.
-    """
-    b, r = response.shape
-    response_embeds = model.denoiser.embed_tokens(response)
-    lengths = [len(p) + r for p in prompts]
-    width = max(lengths)
-    hidden = prompts[0].shape[-1]
-    embeds = torch.zeros(b, width, hidden)
-    attention_mask = torch.zeros(b, width, dtype=torch.long)
-    logits_index = torch.empty(b, r, dtype=torch.long)
-    for i, prompt in enumerate(prompts):
-        lp = len(prompt)
-        embeds[i, :lp + r] = torch.cat((prompt, response_embeds[i]))
-        attention_mask[i, :lp + r] = 1
-        logits_index[i] = torch.arange(lp, lp + r)
-    position_ids = torch.arange(width).expand(b, width)
-    logits, _, _ = model.denoiser(embeds, position_ids, attention_mask, logits_index)
-    return logits
 
 
 def training_step(model: LladaV, batch: list[Encoded], mask_id: int, generator: torch.Generator | None = None):

@@ -1,4 +1,4 @@
-"""The playground: GET / serves one static page (runtime/playground/: plain HTML, CSS and JavaScript, no build step,
+"""The playground: GET / serves one static page (runtime/serving/static/: plain HTML, CSS and JavaScript, no build step,
 nothing fetched from elsewhere, so it works on a machine without internet) where a person asks about an image and
 watches the answer being denoised, from the stream's `stream_canvas` extension."""
 
@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
-FOLDER = Path(__file__).parent / "playground"
+FOLDER = Path(__file__).parent / "static"
 PATHS = ("/", "/playground/*")  # what the page needs: open without an API key (the page asks for the key itself)
 # The page loads only its own files and talks only to this server.
 CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "

@@ -13,12 +13,12 @@ from fastapi import Request as HTTPRequest
 
 from llada_v.image_processing import ImageTooLargeError
 
+from ..generation.results import PromptTooLongError
 from .canvas import Canvas
 from .errors import APIError, internal_error
-from .pipeline import PromptTooLongError
 from .scheduler import Event, RequestTimeoutError, SchedulerStoppedError
 
-log = logging.getLogger("runtime.server")
+log = logging.getLogger("runtime.serving.app")
 
 KINDS = {"chat": ("chatcmpl", "chat.completion", "chat.completion.chunk"),
          "text": ("cmpl", "text_completion", "text_completion")}
@@ -72,8 +72,8 @@ class Completion:
 
     def response(self, result) -> dict:
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                "choices": [self._choice(result.text, result.stats["finish_reason"], chunk=False)],
-                "usage": usage(result), "llada": result.stats}
+                "choices": [self._choice(result.text, result.stats.finish_reason, chunk=False)],
+                "usage": usage(result), "llada": result.stats.to_dict()}
 
     def _chunk(self, choices: list[dict], **extra) -> str:
         chunk = {"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model,
@@ -105,7 +105,7 @@ class Completion:
                     rest = result.text[len(shown):] if result.text.startswith(shown) else ""
                     if rest:
                         yield self._text_chunk(rest)
-                    yield self._text_chunk("", result.stats["finish_reason"], llada=result.stats)
+                    yield self._text_chunk("", result.stats.finish_reason, llada=result.stats.to_dict())
                     if include_usage:
                         yield self._chunk([], usage=usage(result))
                     break
@@ -139,5 +139,5 @@ def job_error(err: BaseException, request_id: str, prompt_param: str = "messages
 
 
 def usage(result) -> dict:
-    prompt, completion = result.stats["prompt_length"], len(result.token_ids)
+    prompt, completion = result.stats.prompt_lengths[0], len(result.token_ids)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}

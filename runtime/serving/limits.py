@@ -12,7 +12,7 @@ import math
 import threading
 from dataclasses import dataclass
 
-from .config import GenerationConfig
+from ..config import GenerationConfig
 from .errors import APIError
 
 MEGA = 10**6

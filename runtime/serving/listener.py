@@ -17,9 +17,9 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .serve_cli import ListenerSettings
+from .settings import ListenerSettings
 
-log = logging.getLogger("runtime.server")
+log = logging.getLogger("runtime.serving.app")
 
 MAX_REQUEST_HEAD = 64 * 1024  # bytes of request line and headers (h11's limit; uvicorn's httptools has none)
 # asyncio accepts up to `backlog` connections at a time before any of them reaches connection_made, so the

@@ -15,10 +15,10 @@ from PIL import Image
 
 from llada_v import IMAGE_TOKEN_INDEX, conversation_ids
 from llada_v.image_processing import check_padded_square, load_image, merge_tile_embeddings, tiles_of
-from llada_v.tokenizer import IMAGE_PLACEHOLDER, plain_ids, with_image_placeholders
+from llada_v.tokenizer import place_images, plain_ids
 
+from ..backends.runner import Runner
 from .image_cache import ImageEmbeddingCache
-from .runner import Runner
 
 ImageLike = Union[str, Path, bytes, BinaryIO, Image.Image, np.ndarray]
 SINGLE_IMAGE = (str, Path, bytes, bytearray, Image.Image, np.ndarray)
@@ -68,14 +68,8 @@ class Request:
                                  "'content': str} messages")
             if messages[-1]["role"] != "user":
                 raise ValueError(f"a conversation must end with a user turn, not {messages[-1]['role']!r}")
-        n_images = len(self.images)
-        placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
-        if placeholders == 0 and n_images:
-            messages[-1]["content"] = with_image_placeholders(messages[-1]["content"], n_images)
-        elif placeholders != n_images:
-            raise ValueError(f"the prompt has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {n_images} "
-                             f"image(s) were given: put one {IMAGE_PLACEHOLDER} per image, in order (or none at all)")
-        return messages
+        texts = place_images([m["content"] for m in messages], len(self.images), "the prompt")
+        return [{**m, "content": text} for m, text in zip(messages, texts)]
 
 
 def image_list(image) -> tuple:

@@ -11,10 +11,10 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from llada_v.image_processing import ImageTooLargeError, load_image
-from llada_v.tokenizer import with_image_placeholders
+from llada_v.tokenizer import place_images
 
+from ..generation.prompt import Request, is_encodable
 from .errors import APIError
-from .prompt import Request, is_encodable
 from .schemas import ChatCompletionRequest, CompletionRequest
 
 MAX_PATH_CHARS = 4096
@@ -43,9 +43,10 @@ def conversation(body: ChatCompletionRequest) -> tuple[list[dict], list[str]]:
                 message_urls.append(part.image_url.url)
         if message_urls and message.role != "user":
             raise APIError(400, "only user messages can hold images", f"messages[{i}].content")
-        text = "\n".join(texts)
-        if message_urls and "<image>" not in text:
-            text = with_image_placeholders(text, len(message_urls))
+        try:
+            text, = place_images(["\n".join(texts)], len(message_urls), f"messages[{i}]")
+        except ValueError as err:
+            raise APIError(400, str(err), f"messages[{i}].content") from err
         messages.append({"role": message.role, "content": text})
         urls += message_urls
     return messages, urls

@@ -5,34 +5,13 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import sys
-from dataclasses import dataclass
 
+from ..config import GenerationConfig
 from .auth import ENV_VAR
-from .config import GenerationConfig
 from .limits import ServerLimits
+from .settings import ListenerSettings
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
-
-
-@dataclass(frozen=True)
-class ListenerSettings:
-    """uvicorn's (listener.py). timeout_keep_alive: seconds an idle keep-alive connection stays open; timeout_read:
-    seconds a client has to send a whole request (head and body) from its connection or its request's first byte;
-    shutdown_timeout: seconds from SIGTERM to exit, running requests included."""
-
-    host: str = "127.0.0.1"
-    port: int = 8000
-    timeout_keep_alive: int = 5
-    timeout_read: float = 30
-    shutdown_timeout: float = 30
-
-    def __post_init__(self):
-        if not isinstance(self.timeout_keep_alive, int) or self.timeout_keep_alive < 1:
-            raise ValueError(f"--timeout-keep-alive must be an integer >= 1, got {self.timeout_keep_alive!r}")
-        for name in ("timeout_read", "shutdown_timeout"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
-                raise ValueError(f"--{name.replace('_', '-')} must be a number of seconds > 0, got {value!r}")
 
 
 def add_serve_options(serve: argparse.ArgumentParser) -> None:
@@ -116,7 +95,7 @@ def allowed_hosts(args) -> tuple[str, ...] | None:
 
 def serve(args, defaults: GenerationConfig) -> int:
     from .auth import api_keys
-    from .server import ServerSettings
+    from .app import ServerSettings
 
     limits = ServerLimits(args.max_tokens_limit, args.max_prompt_chars, args.max_images, args.max_image_megapixels,
                           args.max_megapixels_in_flight, args.max_concurrent_requests, args.request_timeout or None)
@@ -141,7 +120,7 @@ def serve(args, defaults: GenerationConfig) -> int:
                                 args.shutdown_timeout)
     check_folder(args.path, args.backend, args.device)
     from .listener import make_server
-    from .server import create_app
+    from .app import create_app
 
     failed = []
 
@@ -158,14 +137,15 @@ def serve(args, defaults: GenerationConfig) -> int:
 def check_folder(path: str, backend: str, device: str | None) -> None:
     """Refuse a folder or a device that cannot serve these engines before the server starts (the engines load
     after it)."""
-    from .runner import resolve_device
+    from ..backends import default_device
+    from ..backends.runner import resolve_device
 
-    resolve_device(device or ("cuda" if backend == "tensorrt" else "cpu"), backend)
+    resolve_device(device or default_device(backend), backend)
     if backend == "torch":
         from llada_v.weights import checkpoint_config
 
         checkpoint_config(path)
     else:
-        from .engines import open_engines
+        from ..backends.engines import open_engines
 
         open_engines(path)

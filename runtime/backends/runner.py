@@ -48,9 +48,8 @@ class Runner(ABC):
     @property
     def full_pass_per_row(self) -> bool:
         """Whether the loop runs a batch's full passes one row at a time, each over its own unpadded span. On
-        a CPU a batched full pass costs as much per row as one alone (bench model, 800 positions, 2 cores:
-        70-90 ms per row at 1 to 16 rows) and pays for every row's left padding on top (16 rows of 686-1093
-        prompt positions: 264 ms per row); a GPU gains from the larger batch."""
+        a CPU a batched full pass costs as much per row as one alone and pays for every row's left padding on
+        top; a GPU gains from the larger batch (README, Measured choices)."""
         return self.device.type == "cpu"
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -145,9 +144,10 @@ class Runner(ABC):
         return self.denoise_full(inputs_embeds, position_ids, attention_mask, logits_index)[0]
 
     def denoise_cached(self, inputs_embeds, position_ids, attention_mask, logits_index,
-                       past_keys, past_values, past_mask, query_start: int) -> torch.Tensor:
+                       past_keys, past_values, past_mask, query_start: int, *, with_keys: bool = False):
         """The cached pass: the Q queries attend to `past_*` where `past_mask` is 1 and to their own
-        fresh keys/values. Returns logits float32 [B, P, V].
+        fresh keys/values. Returns logits float32 [B, P, V], and with_keys the queries' fresh keys
+        [n_layers, B, H, Q, D] too (the graph's presents; what a drift-based refresh policy reads).
 
         The queries sit at slots [query_start, query_start + Q) of the cache, which `past_mask` hides;
         a runner may overwrite those slots of past_keys/past_values with the queries' fresh K/V.
@@ -166,9 +166,13 @@ class Runner(ABC):
                           "and the answer after it)", "--max-gen-length")
         self._check_limit("past_sequence", past_keys.shape[3], "max_sequence", "cache slots", "--max-sequence")
         inputs = (inputs_embeds, position_ids, attention_mask, logits_index)
-        return joined([self._denoise_cached_impl(*(t[rows] for t in inputs), past_keys[:, rows], past_values[:, rows],
-                                                 past_mask[rows], query_start)
-                       for rows in self._row_chunks(b)])
+        pieces = [self._denoise_cached_impl(*(t[rows] for t in inputs), past_keys[:, rows], past_values[:, rows],
+                                            past_mask[rows], query_start, with_keys)
+                  for rows in self._row_chunks(b)]
+        if not with_keys:
+            return joined(pieces)
+        keys = joined([keys.transpose(0, 1) for _, keys in pieces]).transpose(0, 1)  # the chunks are rows: dim 1
+        return joined([logits for logits, _ in pieces]), keys
 
     # ---- checks -----------------------------------------------------------------------------------
 
@@ -228,7 +232,8 @@ class Runner(ABC):
 
     @abstractmethod
     def _denoise_cached_impl(self, inputs_embeds, position_ids, attention_mask, logits_index,
-                             past_keys, past_values, past_mask, query_start):
+                             past_keys, past_values, past_mask, query_start, with_keys):
+        """Returns the logits, or (logits, the queries' fresh keys [n_layers, B, H, Q, D]) with_keys."""
         ...
 
 

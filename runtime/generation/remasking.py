@@ -14,7 +14,7 @@ import torch
 import triton_kernels
 from triton_kernels.reference import select_commit
 
-from .config import GenerationConfig
+from ..config import GenerationConfig
 
 
 def transfer_schedule(masked: int, steps: int) -> list[int]:

@@ -1,4 +1,4 @@
-"""Scale-out on Ray Serve: the same FastAPI app (server.py) from N replicas, each loading its own engines
+"""Scale-out on Ray Serve: the same FastAPI app (app.py) from N replicas, each loading its own engines
 and running its own Scheduler; Ray's proxy spreads the requests. `ray[serve]` is an optional extra.
 
     python -m runtime serve --engines engines --ray --replicas 2
@@ -13,7 +13,7 @@ import dataclasses
 import signal
 import time
 
-from .server import ServerSettings, create_app
+from .app import ServerSettings, create_app
 
 
 def deployment(settings: ServerSettings, replicas: int):

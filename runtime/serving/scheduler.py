@@ -28,10 +28,12 @@ from typing import Callable
 
 import torch
 
-from .config import GenerationConfig
-from .decoding import Batch, Decoder, StageTimer, final_prefix, stop_position
-from .pipeline import GenerationResult, Pipeline
-from .prompt import PreparedRequest, Request
+from ..config import GenerationConfig
+from ..generation.decoder import Decoder, final_prefix
+from ..generation.prompt import PreparedRequest, Request
+from ..generation.results import GenerationResult, GenerationStats
+from ..generation.timing import StageTimer
+from ..pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,10 @@ class Job:
 
     def expired(self, now: float) -> bool:
         return self.timeout is not None and now - self.submitted > self.timeout
+
+    def _leave_cancelled(self) -> None:
+        """The cancelled job has left its row or the queue: wait() returns, and it reports nothing."""
+        self._done.set()
 
     def _time_out(self) -> None:
         self._report(Event("error", error=RequestTimeoutError(
@@ -252,7 +258,7 @@ class Scheduler:
             if not job.cancelled:
                 admitted.append(job)
             else:
-                job._done.set()
+                job._leave_cancelled()
                 self._count("cancelled")
         self._observe_queue()
         return admitted
@@ -280,9 +286,8 @@ class Scheduler:
             if key in self.groups:
                 self.groups[key].admit(new_prompts, seeds, new_jobs)
             else:
-                batch = Batch.left_padded(new_prompts, key.gen_length, pipeline.special.mask, pipeline.runner)
-                self.groups[key] = Decoder(pipeline.runner, batch, key, pipeline.special, pipeline.banned_ids,
-                                           StageTimer(pipeline.runner.device), seeds, new_jobs)
+                self.groups[key] = pipeline.decoder(new_prompts, key, StageTimer(pipeline.runner.device), seeds,
+                                                    new_jobs)
             if self.metrics is not None:
                 self.metrics.admitted([now - j.submitted for j in new_jobs])
 
@@ -317,7 +322,7 @@ class Scheduler:
         leaving = {}
         for r, job in jobs(decoder):
             if job.cancelled:
-                job._done.set()
+                job._leave_cancelled()
                 leaving[r] = "cancelled"
             elif job.expired(now):
                 job._time_out()
@@ -370,21 +375,19 @@ class Scheduler:
             job._report(Event("tokens", token_ids=prefix))
 
     def _result(self, job: Job, decoder: Decoder, row: int) -> GenerationResult:
-        answer = decoder.answers[row]
-        result = self.pipeline._result(answer[:job.max_tokens] if job.max_tokens is not None else answer)
-        state = decoder.rows[row]
-        seconds = time.perf_counter() - job.started
-        stop = stop_position(answer, self.pipeline.special.eot)
-        ended = stop < len(answer) and (job.max_tokens is None or stop <= job.max_tokens)
-        result.stats = {"nfe": state.full_forwards + state.cached_forwards, "full_forwards": state.full_forwards,
-                        "cached_forwards": state.cached_forwards, "seconds": seconds,
-                        "queue_seconds": job.started - job.submitted,
-                        "tokens_per_second": len(result.token_ids) / seconds if seconds > 0 else 0.0,
-                        "prompt_length": decoder.batch.prompt_lengths[row],
-                        "finish_reason": "stop" if ended else "length"}
+        """The row's own figures: its denoiser calls (one per step), the time since it started."""
+        ids, finish_reason = self.pipeline.final_answer(decoder.answers[row])
+        if job.max_tokens is not None and len(ids) > job.max_tokens:
+            ids, finish_reason = ids[:job.max_tokens], "length"
+        state, seconds = decoder.rows[row], time.perf_counter() - job.started
+        nfe = state.full_forwards + state.cached_forwards
+        stats = GenerationStats(nfe=nfe, full_forwards=state.full_forwards, cached_forwards=state.cached_forwards,
+                                steps=nfe, seconds=seconds,
+                                tokens_per_second=len(ids) / seconds if seconds > 0 else 0.0, batch_size=1, prompt_lengths=[decoder.batch.prompt_lengths[row]],
+                                queue_seconds=job.started - job.submitted, finish_reason=finish_reason)
         if self.metrics is not None:
-            self.metrics.tokens(len(result.token_ids))
-        return result
+            self.metrics.tokens(len(ids))
+        return GenerationResult(self.pipeline.text(ids), ids, stats)
 
     def _observe_queue(self) -> None:
         if self.metrics is not None:

@@ -9,12 +9,11 @@ from pathlib import Path
 
 import torch
 
-from exporter.engines_format import FORMAT_VERSION, EngineLimits
+from exporter.engines_format import FORMAT_VERSION, PRECISION_DTYPES, EngineLimits, moved_aside, parts
 from llada_v import CheckpointError, LladaVConfig
 from llada_v.weights import inside_folder
 
-# Precision -> dtype of the graphs' activations; int8/int4 engines quantize only their weights.
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.float32, "int4": torch.float32}
+DTYPES = {precision: getattr(torch, name) for precision, name in PRECISION_DTYPES.items()}
 BUILD_HINT = "rebuild it with `python -m exporter build --out DIR`"
 
 
@@ -58,9 +57,9 @@ def open_engines(folder: str | Path) -> EnginesFolder:
     agrees with its config.json, and read its manifest and config. Every backend opens its folder here, so
     no request ever starts on a folder that cannot serve it; ValueError says what is wrong."""
     folder = Path(folder)
-    if not folder.is_dir() and (moved_aside := _moved_aside(folder)).is_dir():
-        raise ValueError(f"engines folder {folder} does not exist, but {moved_aside} holds the engines a build moved "
-                         f"aside before it was killed: restore them with `mv {moved_aside} {folder}` (the next "
+    if not folder.is_dir() and (old := moved_aside(Path(os.path.abspath(folder)))).is_dir():
+        raise ValueError(f"engines folder {folder} does not exist, but {old} holds the engines a build moved "
+                         f"aside before it was killed: restore them with `mv {old} {folder}` (the next "
                          f"`python -m exporter build --out {folder}` does it too)")
     if not folder.is_dir():
         raise ValueError(f"engines folder {folder} does not exist: build one with `python -m exporter build --out {folder}`")
@@ -90,7 +89,7 @@ def open_engines(folder: str | Path) -> EnginesFolder:
     if missing:
         raise ValueError(f"{folder} is incomplete: missing {', '.join(missing)} (listed in its manifest); "
                          f"the build was interrupted or files were removed: {BUILD_HINT}")
-    needed = ["denoiser"] + (["vision", "projector"] if config.has_vision else [])
+    needed = parts(config.has_vision)
     absent = [p for p in needed if p not in manifest["parts"]]
     if absent:
         raise ValueError(f"{manifest_path} lists no {', '.join(absent)} part: {BUILD_HINT}")
@@ -227,9 +226,3 @@ def _check_embeddings(engines: EnginesFolder) -> None:
         if shapes.get(name) != shape:
             raise ValueError(f"{path} holds {name} of shape {shapes.get(name)}, config.json implies {shape}: "
                              f"{BUILD_HINT}")
-
-
-def _moved_aside(folder: Path) -> Path:
-    """Where exporter/build.py's publish step keeps the previous folder while it renames the new one in."""
-    folder = Path(os.path.abspath(folder))  # a name to derive from, even for `engines/..`
-    return folder.with_name(f".{folder.name}.old")

@@ -19,11 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from exporter.engines_format import parts
+
 from .engines import open_engines
 from .runner import Runner, empty_cache, per_layer, resolve_device
 
-# Measured on the benchmark model (two denoiser sessions then, 2 x 29 MB of fp32 weights): fp32 engines +183 MB
-# at load, fp16 engines +181 MB, though their files are half the size.
+# fp16 engines load to as much memory as fp32 ones on the CPU provider (README, Measured choices).
 CPU_FP16_WARNING = ("fp16 engines on ONNX Runtime's CPU provider: it has few fp16 kernels, so it runs these "
                     "graphs in fp32 and keeps an fp32 copy of the weights: they take as much memory as fp32 "
                     "engines. On a CPU build fp32 engines (`python -m exporter build --precision fp32`), or int8 / "
@@ -71,7 +72,7 @@ class OnnxRuntimeRunner(Runner):
         self.sessions = {}
         self.stream: torch.cuda.Stream | None = None  # ONNX Runtime's own, on CUDA
         if self.engines.dtype == torch.float16 and self.providers == ["CPUExecutionProvider"]:
-            warnings.warn(CPU_FP16_WARNING, stacklevel=3)
+            warnings.warn(CPU_FP16_WARNING, stacklevel=4)  # the caller of Pipeline.load (through load_runner)
 
     def _activate_impl(self) -> None:
         check_one_flavour()
@@ -88,15 +89,14 @@ class OnnxRuntimeRunner(Runner):
         if "CPUExecutionProvider" not in self.providers:
             provider_list.append(("CPUExecutionProvider", {}))  # for the few nodes a GPU provider does not take
         eng = self.engines
-        parts = ["denoiser"] + (["vision", "projector"] if eng.config.has_vision else [])
         options = ort.SessionOptions()
         if self.device.type == "cpu":
             # Between engine calls the loop runs small torch ops on the same cores. ONNX Runtime's
-            # threads spinning after a call, or torch's OpenMP threads, would starve them: measured on
-            # 2 cores, a cached request took 2x longer than with no spinning and one loop thread.
+            # threads spinning after a call, or torch's OpenMP threads, would starve them (README, Measured
+            # choices).
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self.loop_threads = 1
-        for part in parts:
+        for part in parts(eng.config.has_vision):
             path = eng.part_file(part, "onnx")
             if path is None:
                 raise ValueError(f"{eng.folder}: the manifest names no onnx model for {part!r}: rebuild the engines")
@@ -172,10 +172,16 @@ class OnnxRuntimeRunner(Runner):
         return logits
 
     def _denoise_cached_impl(self, inputs_embeds, position_ids, attention_mask, logits_index,
-                             past_keys, past_values, past_mask, query_start):
+                             past_keys, past_values, past_mask, query_start, with_keys):
         inputs = self._denoiser_inputs(inputs_embeds, position_ids, attention_mask, logits_index)
         inputs.update(per_layer("past_keys", past_keys), **per_layer("past_values", past_values),
                       past_mask=past_mask.contiguous())
         logits = self._logits(logits_index)
-        self._run("denoiser", inputs, {"logits": logits})  # the queries' presents are not needed
-        return logits
+        if not with_keys:
+            self._run("denoiser", inputs, {"logits": logits})  # the queries' presents are not needed
+            return logits
+        b, q, _ = inputs_embeds.shape
+        lm = self.config.language
+        keys = self._empty((lm.num_hidden_layers, b, lm.num_attention_heads, q, lm.head_dim))
+        self._run("denoiser", inputs, {"logits": logits, **per_layer("present_keys", keys)})
+        return logits, keys

@@ -32,20 +32,22 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from ..backends import check_backend
+from ..config import GenerationConfig
+from ..pipeline import Pipeline
 from . import playground
 from .auth import ApiKeyCheck
 from .canvas import Canvas
-from .config import BACKENDS, GenerationConfig
 from .errors import APIError, internal_error
 from .limits import ConcurrencyLimit, PixelBudget, ServerLimits
 from .metrics import ServerMetrics
 from .openai_inputs import ImageReader, chat_request, conversation, plain_prompt, text_request
-from .pipeline import Pipeline
 from .responses import Completion
 from .scheduler import QueueFullError, Scheduler, SchedulerStoppedError
 from .schemas import ChatCompletionRequest, CompletionRequest, CompletionSettings
+from .settings import SERVE_DEFAULTS
 
-log = logging.getLogger("runtime.server")
+log = logging.getLogger("runtime.serving.app")
 REPLICA_ID = f"{socket.gethostname()}-{os.getpid()}"
 PREPARE_THREADS = min(4, os.cpu_count() or 1)  # requests decoded and tokenized at once, off the engines' thread
 DOCS_PATHS = ("/docs", "/docs/*", "/redoc", "/openapi.json")
@@ -70,7 +72,7 @@ class ServerSettings:
     max_image_mb: float = 16
     allow_local_images: str | None = None
     model_name: str | None = None
-    defaults: GenerationConfig = field(default_factory=lambda: GenerationConfig(gen_length=64, block_length=32))
+    defaults: GenerationConfig = SERVE_DEFAULTS
     load_in_background: bool = True  # False: the app's startup waits for the engines (Ray Serve replicas)
     api_keys: tuple[str, ...] = ()
     protect_metrics: bool = False
@@ -81,8 +83,7 @@ class ServerSettings:
     limits: ServerLimits = field(default_factory=ServerLimits)
 
     def __post_init__(self):
-        if self.backend not in BACKENDS:
-            raise ValueError(f"unknown backend {self.backend!r}: use one of {', '.join(BACKENDS)}")
+        check_backend(self.backend)
         for name, zero_ok in (("max_body_mb", False), ("max_image_mb", False), ("image_cache_mb", True)):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < math.inf \
@@ -123,7 +124,9 @@ def generation_config(body: CompletionSettings, defaults: GenerationConfig) -> t
                 "temperature": defaults.temperature if body.temperature is None else body.temperature,
                 "seed": defaults.seed if body.seed is None else body.seed,
                 "cache": body.cache or defaults.cache, "remasking": body.remasking or defaults.remasking,
+                "refresh": body.refresh or defaults.refresh,
                 "refresh_interval": body.refresh_interval or defaults.refresh_interval,
+                "drift_threshold": body.drift_threshold or defaults.drift_threshold,
                 "threshold": defaults.threshold if body.threshold is None else body.threshold}
     try:
         return replace(defaults, **settings), max_tokens

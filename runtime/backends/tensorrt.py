@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from exporter.engines_format import parts
+
 from .engines import open_engines
 from .runner import Runner, empty_cache, per_layer, resolve_device
 
@@ -36,8 +38,7 @@ class TensorRTRunner(Runner):
         from exporter.trt_plan import PlanError, PlanExecutor
 
         eng = self.engines
-        parts = ["denoiser"] + (["vision", "projector"] if eng.config.has_vision else [])
-        for part in parts:
+        for part in parts(eng.config.has_vision):
             path = eng.part_file(part, "plan")
             if path is None:
                 raise ValueError(f"{eng.folder} has no TensorRT plan for {part!r}: build the engines with "
@@ -69,8 +70,12 @@ class TensorRTRunner(Runner):
         return self.plans["denoiser"].run("full", inputs, presents)["logits"]
 
     def _denoise_cached_impl(self, inputs_embeds, position_ids, attention_mask, logits_index,
-                             past_keys, past_values, past_mask, query_start):
+                             past_keys, past_values, past_mask, query_start, with_keys):
         inputs = {"inputs_embeds": inputs_embeds, "position_ids": position_ids, "attention_mask": attention_mask,
                   "logits_index": logits_index, **per_layer("past_keys", past_keys),
                   **per_layer("past_values", past_values), "past_mask": past_mask}
-        return self.plans["denoiser"].run("cached", inputs)["logits"]
+        outputs = self.plans["denoiser"].run("cached", inputs)  # TensorRT writes every output, the presents too
+        if not with_keys:
+            return outputs["logits"]
+        layers = range(self.config.language.num_hidden_layers)
+        return outputs["logits"], torch.stack([outputs[f"present_keys.{i}"] for i in layers])

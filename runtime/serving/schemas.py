@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .config import CACHE_MODES, REMASKING
+from ..config import CACHE_MODES, REFRESH_POLICIES, REMASKING
 
 
 class Strict(BaseModel):
@@ -52,7 +52,9 @@ class CompletionSettings(Strict):
     block_length: int | None = Field(None, ge=1)
     steps: int | None = Field(None, ge=1)
     cache: Literal[CACHE_MODES] | None = None  # type: ignore[valid-type]
+    refresh: Literal[REFRESH_POLICIES] | None = None  # type: ignore[valid-type]
     refresh_interval: int | None = Field(None, ge=1)
+    drift_threshold: float | None = Field(None, gt=0, allow_inf_nan=False)
     threshold: float | None = Field(None, gt=0, le=1)
     remasking: Literal[REMASKING] | None = None  # type: ignore[valid-type]
     # With stream: every step's whole answer canvas under the chunks' `llada` key (the playground draws it).

@@ -99,11 +99,12 @@ class TorchRunner(Runner):
 
     @torch.inference_mode()
     def _denoise_cached_impl(self, inputs_embeds, position_ids, attention_mask, logits_index,
-                             past_keys, past_values, past_mask, query_start):
-        if not self.fused_cache:
-            return self.model.denoiser(inputs_embeds, position_ids, attention_mask, logits_index,
-                                       past_keys, past_values, past_mask)[0]
-        valid = past_mask.bool()
-        valid[:, query_start:query_start + inputs_embeds.shape[1]] = attention_mask.bool()
-        cache = SlotCache(past_keys, past_values, query_start, valid)
-        return self.model.denoiser(inputs_embeds, position_ids, attention_mask, logits_index, slot_cache=cache)[0]
+                             past_keys, past_values, past_mask, query_start, with_keys):
+        if self.fused_cache:
+            valid = past_mask.bool()
+            valid[:, query_start:query_start + inputs_embeds.shape[1]] = attention_mask.bool()
+            cache = {"slot_cache": SlotCache(past_keys, past_values, query_start, valid)}
+        else:
+            cache = {"past_keys": past_keys, "past_values": past_values, "past_mask": past_mask}
+        logits, keys, _ = self.model.denoiser(inputs_embeds, position_ids, attention_mask, logits_index, **cache)
+        return (logits, torch.stack(keys)) if with_keys else logits
