@@ -49,10 +49,14 @@ def write_checkpoint(folder: Path, seed: int = 0, text: bool = False) -> Path:
         raise ValueError(f"the shipped tokenizer has {len(tokenizer)} tokens, more than the benchmark vocabulary {VOCAB_SIZE}")
     model = LladaV(text_bench_config() if text else bench_config())
     init_weights(model, seed)
+    special = SpecialTokens.from_tokenizer(tokenizer)
+    # Zero rows: their logit is 0 while the best of 1000 random logits is well above, so they never win.
+    # <|eot_id|>: no request stops early and every row of a benchmark decodes all its blocks. In the text model
+    # also the ids LLaDA-V bans and LLaDA does not (docs/fidelity.md), so the research loops (LLaDA-V's rules)
+    # and the runtime (LLaDA's) decode the same answers and the benchmark's rows compare like with like.
+    never = [special.eot, *(special.banned_at_masked if text else ())]
     with torch.no_grad():
-        # A zero <|eot_id|> row: its logit is 0 while the best of 1000 random logits is well above, so no
-        # request stops early and every row of a benchmark decodes all its blocks.
-        model.denoiser.lm_head.weight[SpecialTokens.from_tokenizer(tokenizer).eot] = 0
+        model.denoiser.lm_head.weight[never] = 0
     save_model(model, folder, tokenizer_folder=SHIPPED_MODEL_DIR)
     return folder
 

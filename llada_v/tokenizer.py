@@ -94,6 +94,13 @@ def conversation_ids(tokenizer, messages: list[dict]) -> list[int]:
     return ids
 
 
+def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a text-only LLaDA conversation as the official chat.py makes them: the chat template rendered
+    with the assistant header last, tokenised whole (`<image>` is text like any other); no system turn is added."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text)["input_ids"]
+
+
 def plain_ids(tokenizer, text: str) -> list[int]:
     """Token ids of a text taken as it is (a completion prompt): BOS, as every conversation starts, then the text's
     tokens; no chat template, and `<image>` is only text."""

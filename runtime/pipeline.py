@@ -11,16 +11,17 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
-from llada_v import SpecialTokens, conversation_ids, load_tokenizer
+from llada_v import SpecialTokens, load_tokenizer
 
 from .backends import load_runner
 from .backends.runner import Runner
 from .chat import Conversation
 from .config import GenerationConfig
 from .generation.batch import Batch
-from .generation.decoder import Decoder, final_prefix, stop_position
+from .generation.decoder import Decoder
+from .generation.family import FamilyRules
 from .generation.prompt import (ImageLike, PreparedRequest, Request, as_request, image_embeddings, is_conversation,
-                                prepare, prompt_embeddings)
+                                prepare, prompt_embeddings, request_ids)
 from .generation.results import GenerationResult, GenerationStats, PromptTooLongError
 from .generation.timing import StageTimer
 
@@ -36,15 +37,14 @@ class Pipeline:
         self.runner = runner.activate()
         self.tokenizer = load_tokenizer(runner.folder)
         self.special = SpecialTokens.from_tokenizer(self.tokenizer)
+        # The model family's prompt format, banned ids, stop rule and answer (generation/family.py).
+        self.rules = FamilyRules.of(runner.config.family, self.special)
         try:
-            conversation_ids(self.tokenizer, [{"role": "user", "content": "?"}])
+            request_ids(Request("?"), self.tokenizer, self.rules)
         except Exception as err:  # jinja2's TemplateError family, or a template that renders no text
             raise ValueError(f"the chat template in {runner.folder / 'tokenizer_config.json'} cannot be rendered "
                              f"({type(err).__name__}: {err}): copy the checkpoint's tokenizer_config.json "
                              f"again") from err
-        # The mask token is banned too: committing it would leave the position masked.
-        banned = (*self.special.banned_at_masked, self.special.mask)
-        self.banned_ids = torch.tensor(banned, dtype=torch.int64, device=runner.device)
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "onnxruntime", *, device: str | None = None,
@@ -121,14 +121,14 @@ class Pipeline:
     # ---- the steps the public calls are made of (the serving room runs them itself) -------------------
 
     @staticmethod
-    def _request(prompt, image) -> Request:
-        if isinstance(prompt, Request):
+    def _request(prompt, image) -> Request | PreparedRequest:
+        if isinstance(prompt, (Request, PreparedRequest)):
             if image is not None:
                 raise ValueError("a Request carries its own image: do not pass image= as well")
             return prompt
         return Request(prompt, image)
 
-    def start(self, requests: list[Request], config: GenerationConfig | None) -> Decoder:
+    def start(self, requests: list[Request | PreparedRequest], config: GenerationConfig | None) -> Decoder:
         """The loop over `requests` (not run yet): their prompt embeddings, left-padded into one batch."""
         cfg = GenerationConfig() if config is None else config
         if not isinstance(cfg, GenerationConfig):
@@ -145,15 +145,15 @@ class Pipeline:
         """The loop over prompt embeddings [Lp, C] (checked with check_fits), one row each; seeds and tags per row
         (see Decoder)."""
         batch = Batch.left_padded(prompts, cfg.gen_length, self.special.mask, self.runner)
-        return Decoder(self.runner, batch, cfg, self.special, self.banned_ids, timer, seeds, tags)
+        return Decoder(self.runner, batch, cfg, self.rules, timer, seeds, tags)
 
-    def prepare(self, request: Request) -> PreparedRequest:
+    def prepare(self, request: Request | PreparedRequest) -> PreparedRequest:
         """The request's prompt ids and decoded images: the CPU work before the engines, safe on any thread."""
-        return prepare(request, self.tokenizer, self.runner.config.has_vision)
+        return prepare(request, self.tokenizer, self.rules, self.runner.config.has_vision)
 
     def embed_prompts(self, requests: list[Request | PreparedRequest], timer: StageTimer) -> list[torch.Tensor]:
         """Each request's prompt [Lp, C], its images spliced in (all images through one vision call)."""
-        prepared = [r if isinstance(r, PreparedRequest) else self.prepare(r) for r in requests]
+        prepared = [self.prepare(r) for r in requests]
         images = image_embeddings(prepared, self.runner, timer, self.image_cache)
         return [prompt_embeddings(p.ids, im, self.runner) for p, im in zip(prepared, images)]
 
@@ -170,17 +170,16 @@ class Pipeline:
             for ids, reason in answers]
 
     def final_answer(self, answer: list[int]) -> tuple[list[int], str]:
-        """The answer's ids up to (not including) <|eot_id|>, and why it ended: "stop" at <|eot_id|>, "length"
-        when it ran to the end of `answer`."""
-        stop = stop_position(answer, self.special.eot)
-        return answer[:stop], "stop" if stop < len(answer) else "length"
+        """The answer's ids and why it ended ("stop" or "length"), by the family's rules (FamilyRules.final_answer):
+        LLaDA-V's up to (not including) <|eot_id|>, LLaDA's every position."""
+        return self.rules.final_answer(answer)
 
     def text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def partial_text(self, answer: list[int]) -> str:
-        """The answer decoded up to its first still-masked position or <|eot_id|>."""
-        return self.text(final_prefix(answer, self.special))
+        """The answer decoded up to its first still-masked position (or LLaDA-V's <|eot_id|>)."""
+        return self.text(self.rules.final_prefix(answer))
 
     def check_fits(self, prompt_lengths: list[int], cfg: GenerationConfig) -> None:
         """PromptTooLongError when a prompt of these many positions and the answer do not fit the model or the

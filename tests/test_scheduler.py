@@ -81,7 +81,7 @@ def test_full_passes_per_row_equal_the_batched_full_pass(long_pipe, cache, monke
     for per_row in (False, True):
         monkeypatch.setattr(type(long_pipe.runner), "full_pass_per_row", property(lambda runner: per_row))
         batch = Batch.left_padded(prompts, cfg.gen_length, long_pipe.special.mask, long_pipe.runner)
-        decoder = Decoder(long_pipe.runner, batch, cfg, long_pipe.special, long_pipe.banned_ids,
+        decoder = Decoder(long_pipe.runner, batch, cfg, long_pipe.rules,
                           StageTimer(long_pipe.runner.device))
         for _ in decoder:
             pass
@@ -103,7 +103,7 @@ def test_a_new_row_takes_a_free_place_or_the_batch_is_padded_anew(long_pipe, cac
          Request(LONGEST, image(2, (64, 200)))], timer)
     assert len(short) < len(long_a) < len(longest)
     batch = Batch.left_padded([long_a, long_b], cfg.gen_length, long_pipe.special.mask, long_pipe.runner)
-    decoder = Decoder(long_pipe.runner, batch, cfg, long_pipe.special, long_pipe.banned_ids, timer)
+    decoder = Decoder(long_pipe.runner, batch, cfg, long_pipe.rules, timer)
     decoder.tags = ["a", "b"]
     for _ in range(3):
         decoder.step()

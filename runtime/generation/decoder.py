@@ -17,12 +17,11 @@ from itertools import groupby
 
 import torch
 
-from llada_v import SpecialTokens
-
 from ..backends.runner import Runner, on_device
 from ..config import GenerationConfig
 from .batch import Batch
 from .cache import KVCache, NoCache, make_cache
+from .family import FamilyRules
 from .refresh import RowSignals
 from .remasking import Remasker, transfer_schedule
 from .timing import StageTimer, torch_threads
@@ -45,20 +44,22 @@ class RowState:
     def step(self) -> int:
         return self.signals.step
 
-    def advance(self, answer: list[int], cfg: GenerationConfig, special: SpecialTokens, committed: int) -> None:
+    def advance(self, answer: list[int], cfg: GenerationConfig, rules: FamilyRules, committed: int) -> None:
         """After a step that committed `committed` tokens of the row's answer (now `answer`)."""
         signals = self.signals
         signals.step += 1
         signals.steps_since_refresh += 1
         signals.committed_since_refresh += committed
-        stop = stop_position(answer, special.eot)
-        if stop < len(answer) and special.mask not in answer[:stop]:
+        mask = rules.special.mask
+        stop = rules.stop_position(answer)
+        if stop < len(answer) and mask not in answer[:stop]:
             self.done = True  # early exit: <|eot_id|> is committed and everything before it is filled
             return
         block = answer[self.block * cfg.block_length:(self.block + 1) * cfg.block_length]
-        # A block ends when it has no masks left (the official loop leaves it at once, no no-op steps),
+        # A block ends when it has no masks left (LLaDA-V's loop leaves it at once, no no-op steps; in LLaDA's,
+        # whose schedule commits the block's last masks at its last step, it never happens early),
         # or after its steps unless `threshold` decodes it.
-        if special.mask not in block or (cfg.threshold is None and self.step == cfg.steps_per_block):
+        if mask not in block or (cfg.threshold is None and self.step == cfg.steps_per_block):
             self.block, self.schedule, signals.step = self.block + 1, None, 0
             self.done = self.block == cfg.num_blocks
 
@@ -70,18 +71,20 @@ class RowState:
 class Decoder:
     """Iterating runs the steps; after each one it yields every row's answer ids (masks included).
 
-    seeds: one per row (default: every row cfg.seed); the settings other than the seed are the batch's.
-    tags: per row, what it stands for (Decoder.tags; default None).
+    rules: the model family's (banned ids, stop rule, random draws); seeds: one per row (default: every row
+    cfg.seed); the settings other than the seed are the batch's. tags: per row, what it stands for (Decoder.tags;
+    default None).
     """
 
-    def __init__(self, runner: Runner, batch: Batch, cfg: GenerationConfig, special: SpecialTokens,
-                 banned_ids: torch.Tensor, timer: StageTimer, seeds: list[int] | None = None,
-                 tags: list | None = None):
-        self.runner, self.batch, self.cfg, self.special, self.timer = runner, batch, cfg, special, timer
+    def __init__(self, runner: Runner, batch: Batch, cfg: GenerationConfig, rules: FamilyRules, timer: StageTimer,
+                 seeds: list[int] | None = None, tags: list | None = None):
+        self.runner, self.batch, self.cfg, self.rules, self.timer = runner, batch, cfg, rules, timer
+        self.special = rules.special
         self.cache: NoCache | KVCache = make_cache(cfg, self._cache_shape(batch), runner.dtype, runner.device)
         seeds = [cfg.seed] * batch.size if seeds is None else seeds
         self.generators = [torch.Generator(runner.device).manual_seed(seed) for seed in seeds]
-        self.remasker = Remasker(cfg, banned_ids)
+        banned_ids = torch.tensor(rules.banned, dtype=torch.int64, device=runner.device)
+        self.remasker = Remasker(cfg, banned_ids, rules.draws_whole_sequence)
         self.rows = [RowState() for _ in range(batch.size)]
         # Per row, what it stands for (None: a free place, or unused).
         self.tags: list = [None] * batch.size if tags is None else list(tags)
@@ -253,25 +256,17 @@ class Decoder:
             columns = columns + self.offsets
             index = self.batch.rows_index(rows, always=True)
             current = self.batch.tokens[index].gather(1, columns)
-            # Once <|eot_id|> is committed, only the positions before it stay eligible (the official stop rule).
-            stops = torch.tensor([stop_position(self.answers[r], self.special.eot) for r in rows], device=device)
+            # Once <|eot_id|> is committed, only the positions before it stay eligible (LLaDA-V's stop rule).
+            stops = torch.tensor([self.rules.stop_position(self.answers[r]) for r in rows], device=device)
             eligible = (current == self.special.mask) & (columns < stops[:, None])
             k = torch.tensor([0 if cfg.threshold is not None else self.rows[r].schedule[self.rows[r].step]
                               for r in rows], dtype=torch.int64, device=device)
-            x0, commit = self.remasker(logits, eligible, k, [self.generators[r] for r in rows])
+            # Each row's block as positions of its own sequence (prompt, then answer) and that sequence's length.
+            prompts = [self.batch.prompt_lengths[r] for r in rows]
+            spans = [(p + self.rows[r].block * cfg.block_length, p + cfg.gen_length) for r, p in zip(rows, prompts)]
+            x0, commit = self.remasker(logits, eligible, k, [self.generators[r] for r in rows], spans)
             self.batch.tokens[index] = self.batch.tokens[index].scatter(1, columns, torch.where(commit, x0, current))
             committed = commit.sum(dim=1).tolist()
         self.answers = self.batch.tokens.tolist()
         for r, count in zip(rows, committed):
-            self.rows[r].advance(self.answers[r], cfg, self.special, count)
-
-
-def stop_position(answer: list[int], eot: int) -> int:
-    """Where the answer ends: its first <|eot_id|>, or its length while it has none."""
-    return answer.index(eot) if eot in answer else len(answer)
-
-
-def final_prefix(answer: list[int], special: SpecialTokens) -> list[int]:
-    """The part of a partly decoded answer that can no longer change: up to its first mask or <|eot_id|>."""
-    end = stop_position(answer, special.eot)
-    return answer[:answer.index(special.mask)] if special.mask in answer[:end] else answer[:end]
+            self.rows[r].advance(self.answers[r], cfg, self.rules, count)

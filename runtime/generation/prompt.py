@@ -15,14 +15,16 @@ from PIL import Image
 
 from llada_v import IMAGE_TOKEN_INDEX, conversation_ids
 from llada_v.image_processing import check_padded_square, load_image, merge_tile_embeddings, tiles_of
-from llada_v.tokenizer import place_images, plain_ids
+from llada_v.tokenizer import chat_ids, place_images, plain_ids
 
 from ..backends.runner import Runner
+from .family import FamilyRules
 from .image_cache import ImageEmbeddingCache
 
 ImageLike = Union[str, Path, bytes, BinaryIO, Image.Image, np.ndarray]
 SINGLE_IMAGE = (str, Path, bytes, bytearray, Image.Image, np.ndarray)
 ROLES = ("system", "user", "assistant")
+NO_VISION = "this model has no vision tower (it is a text-only model): it cannot take images"
 
 
 @dataclass(frozen=True)
@@ -56,8 +58,8 @@ class Request:
             raise ValueError("the prompt is not valid Unicode text (it holds a lone surrogate): "
                              "decode it with errors='replace' first")
 
-    def messages(self) -> list[dict]:
-        """The conversation with one `<image>` per image; ValueError when they cannot be matched."""
+    def turns(self) -> list[dict]:
+        """The conversation as written (a text is one user turn); ValueError when it is not one."""
         if isinstance(self.prompt, str):
             messages = [{"role": "user", "content": self.prompt}]
         else:
@@ -68,6 +70,11 @@ class Request:
                                  "'content': str} messages")
             if messages[-1]["role"] != "user":
                 raise ValueError(f"a conversation must end with a user turn, not {messages[-1]['role']!r}")
+        return messages
+
+    def messages(self) -> list[dict]:
+        """The conversation with one `<image>` per image; ValueError when they cannot be matched."""
+        messages = self.turns()
         texts = place_images([m["content"] for m in messages], len(self.images), "the prompt")
         return [{**m, "content": text} for m, text in zip(messages, texts)]
 
@@ -130,12 +137,14 @@ class PreparedRequest:
         return "pad" if len(self.images) > 1 else "anyres"
 
 
-def prepare(request: Request, tokenizer, has_vision: bool) -> PreparedRequest:
-    """The request's ids and decoded images; ValueError for a bad request, an unreadable or too large image
-    (padded squares included) or images for a text-only model."""
+def prepare(request: Request | PreparedRequest, tokenizer, rules: FamilyRules, has_vision: bool) -> PreparedRequest:
+    """The request's ids and decoded images (a PreparedRequest as it is); ValueError for a bad request, an
+    unreadable or too large image (padded squares included) or images for a text-only model."""
+    if isinstance(request, PreparedRequest):
+        return request
     if request.images and not has_vision:
-        raise ValueError("this model is text-only: it cannot take images")
-    ids = request_ids(request, tokenizer)
+        raise ValueError(NO_VISION)
+    ids = request_ids(request, tokenizer, rules)
     images = tuple(load_image(image) for image in request.images)
     if len(images) > 1:
         for i, image in enumerate(images):
@@ -195,7 +204,10 @@ def prompt_embeddings(ids: list[int], images: list[torch.Tensor], runner: Runner
     return torch.cat(pieces)
 
 
-def request_ids(request: Request, tokenizer) -> list[int]:
+def request_ids(request: Request, tokenizer, rules: FamilyRules | None = None) -> list[int]:
+    """The prompt ids in the family's format (default LLaDA-V's)."""
     if request.plain:
         return plain_ids(tokenizer, request.prompt)
-    return conversation_ids(tokenizer, request.messages())
+    if rules is None or rules.image_placeholders:
+        return conversation_ids(tokenizer, request.messages())
+    return chat_ids(tokenizer, request.turns())

@@ -24,13 +24,19 @@ def transfer_schedule(masked: int, steps: int) -> list[int]:
 
 
 class Remasker:
-    def __init__(self, config: GenerationConfig, banned_ids: torch.Tensor):
+    """whole_sequence_draws: random remasking draws one number per position of the row's whole sequence and keeps
+    the block's (LLaDA's generate.py, so a seed gives its draws); otherwise one per position of the block."""
+
+    def __init__(self, config: GenerationConfig, banned_ids: torch.Tensor, whole_sequence_draws: bool = False):
         self.config = config
         self.banned_ids = banned_ids
+        self.whole_sequence_draws = whole_sequence_draws
 
     def __call__(self, logits: torch.Tensor, eligible: torch.Tensor, k: torch.Tensor,
-                 generators: Sequence[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
-        """logits [b, K, V] of the block, eligible bool [b, K], k int64 [b], one generator per row.
+                 generators: Sequence[torch.Generator], spans: Sequence[tuple[int, int]]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits [b, K, V] of the block, eligible bool [b, K], k int64 [b], one generator per row, and per row
+        (the block's first position in the row's sequence, the sequence's length).
 
         Returns x0 int64 [b, K] and commit bool [b, K].
         """
@@ -40,6 +46,13 @@ class Remasker:
                                               generator=list(generators) if cfg.temperature > 0 else None)
         if cfg.remasking == "random":
             # Drawn after the Gumbel noise, from the same per-request generator.
-            draws = torch.stack([torch.rand(logits.shape[1], generator=g, device=logits.device) for g in generators])
+            width = logits.shape[1]
+            draws = torch.stack([self._draws(g, start, length, width, logits.device)
+                                 for g, (start, length) in zip(generators, spans)])
             commit = select_commit(draws.neg().masked_fill(~eligible, float("inf")), eligible, k)
         return x0, commit
+
+    def _draws(self, generator: torch.Generator, start: int, length: int, width: int, device) -> torch.Tensor:
+        if self.whole_sequence_draws:
+            return torch.rand(length, generator=generator, device=device)[start:start + width]
+        return torch.rand(width, generator=generator, device=device)

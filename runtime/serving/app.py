@@ -111,6 +111,10 @@ def generation_config(body: CompletionSettings, defaults: GenerationConfig) -> t
     """The request's GenerationConfig and max_tokens. gen_length is max_tokens rounded up to a whole number of
     blocks (block_length is cut to max_tokens when that is shorter and the request names no block length);
     steps, when not given, keep the defaults' tokens per step; the answer is cut at max_tokens."""
+    if body.cfg_scale:
+        raise APIError(400, "cfg_scale (classifier-free guidance) is not supported: the runtime decodes without "
+                            "guidance, as the official generate.py does by default (cfg_scale 0)", "cfg_scale",
+                       "unsupported")
     max_tokens = body.token_limit or defaults.gen_length
     block = body.block_length or min(defaults.block_length, max_tokens)
     blocks = -(-max_tokens // block)
@@ -335,9 +339,12 @@ def create_app(settings: ServerSettings, *, on_load_failure=None, shutdown_timeo
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):
-        messages, urls = conversation(body)
+        engine.ready()
+        placeholders = engine.pipeline.rules.image_placeholders
+        messages, urls = conversation(body, engine.pipeline.runner.config.has_vision, placeholders)
         limits.check_prompt(sum(len(m["content"]) for m in messages), len(urls))
-        return await complete("chat", body, http, lambda decoded: chat_request(messages, decoded), urls)
+        return await complete("chat", body, http, lambda decoded: chat_request(messages, decoded, placeholders),
+                              urls)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: HTTPRequest):

@@ -13,18 +13,20 @@ from PIL import Image, UnidentifiedImageError
 from llada_v.image_processing import ImageTooLargeError, load_image
 from llada_v.tokenizer import place_images
 
-from ..generation.prompt import Request, is_encodable
+from ..generation.prompt import NO_VISION, Request, is_encodable
 from .errors import APIError
 from .schemas import ChatCompletionRequest, CompletionRequest
 
 MAX_PATH_CHARS = 4096
 
 
-def conversation(body: ChatCompletionRequest) -> tuple[list[dict], list[str]]:
+def conversation(body: ChatCompletionRequest, has_vision: bool = True,
+                 image_placeholders: bool = True) -> tuple[list[dict], list[str]]:
     """The messages as a conversation with `<image>` placeholders, and the image URLs in order.
 
     A message's image parts go before its text, as LLaDA-V was trained ("<image>\\nquestion"), whatever
-    their order among the parts, unless the text places them with `<image>` itself.
+    their order among the parts, unless the text places them with `<image>` itself. A model without vision refuses
+    image parts; in a family without placeholders (the text-only LLaDA models) `<image>` is text.
     """
     messages, urls = [], []
     for i, message in enumerate(body.messages):
@@ -40,9 +42,14 @@ def conversation(body: ChatCompletionRequest) -> tuple[list[dict], list[str]]:
             else:
                 if part.image_url is None:
                     raise APIError(400, "an image_url part needs its image_url", f"messages[{i}].content[{j}]")
+                if not has_vision:
+                    raise APIError(400, NO_VISION, f"messages[{i}].content[{j}]", "model_has_no_vision")
                 message_urls.append(part.image_url.url)
         if message_urls and message.role != "user":
             raise APIError(400, "only user messages can hold images", f"messages[{i}].content")
+        if not image_placeholders:
+            messages.append({"role": message.role, "content": "\n".join(texts)})
+            continue
         try:
             text, = place_images(["\n".join(texts)], len(message_urls), f"messages[{i}]")
         except ValueError as err:
@@ -67,11 +74,11 @@ def plain_prompt(body: CompletionRequest) -> str:
     return body.prompt[0]
 
 
-def chat_request(messages: list[dict], images: list) -> Request:
+def chat_request(messages: list[dict], images: list, image_placeholders: bool = True) -> Request:
     """The conversation with its decoded images, checked (roles, the last turn, placeholders against images)."""
     try:
         request = Request(messages, images or None)
-        request.messages()
+        request.messages() if image_placeholders else request.turns()
         return request
     except ValueError as err:
         raise APIError(400, str(err), "messages", "invalid_request") from err

@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 
 from ..config import GenerationConfig
-from ..generation.decoder import Decoder, final_prefix
+from ..generation.decoder import Decoder
 from ..generation.prompt import PreparedRequest, Request
 from ..generation.results import GenerationResult, GenerationStats
 from ..generation.timing import StageTimer
@@ -369,7 +369,7 @@ class Scheduler:
 
     def _report_prefix(self, job: Job, answer: list[int]) -> None:
         """The answer is final up to its first still-masked position (or <|eot_id|>): report it as it grows."""
-        prefix = final_prefix(answer, self.pipeline.special)[:job.max_tokens]
+        prefix = self.pipeline.rules.final_prefix(answer)[:job.max_tokens]
         if len(prefix) > job._shown:
             job._shown = len(prefix)
             job._report(Event("tokens", token_ids=prefix))

@@ -57,6 +57,8 @@ class CompletionSettings(Strict):
     drift_threshold: float | None = Field(None, gt=0, allow_inf_nan=False)
     threshold: float | None = Field(None, gt=0, le=1)
     remasking: Literal[REMASKING] | None = None  # type: ignore[valid-type]
+    # LLaDA's classifier-free guidance: refused unless 0 (docs/fidelity.md, "LLaDA decoding").
+    cfg_scale: float | None = None
     # With stream: every step's whole answer canvas under the chunks' `llada` key (the playground draws it).
     stream_canvas: bool = False
 
