@@ -20,7 +20,7 @@ from llada_v.weights import checkpoint_files
 @dataclass(frozen=True)
 class Request:
     prompt: str
-    image: Image.Image
+    image: Image.Image | None
     answer: str | None
     kind: str  # the question type (benchmarks/demo_model/data.py)
 
@@ -37,11 +37,12 @@ def token_agreement(tokens: list[int], baseline: list[int]) -> float:
     return 1.0 if length == 0 else sum(a == b for a, b in zip(tokens, baseline)) / length
 
 
-def load_requests(count: int, with_answers: bool) -> list[Request]:
-    """The first `count` questions of the demo task's held-out split (with their images)."""
+def load_requests(count: int, with_answers: bool, with_images: bool = True) -> list[Request]:
+    """The first `count` questions of the demo task's held-out split, with their images (without: the questions
+    alone, for a text-only model)."""
     examples = load_examples("eval", limit=count)
-    return [Request(prompt_text(ex.question), ex.image, ex.answer if with_answers else None, ex.kind)
-            for ex in examples]
+    return [Request(prompt_text(ex.question), ex.image, ex.answer if with_answers else None, ex.kind) if with_images
+            else Request(ex.question, None, ex.answer if with_answers else None, ex.kind) for ex in examples]
 
 
 def run_interleaved(pipes: dict, requests: list[Request], config, warmup: int) -> dict[str, list]:

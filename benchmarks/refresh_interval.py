@@ -286,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     if plain_pipe is not None:
         rows = [Row("none", None, plain=True)] + [Row(c, steps_per_block, plain=True) for c in args.cache] + rows
     labelled = is_shipped_model(args.engines)
-    requests = load_requests(args.warmup + args.requests, with_answers=labelled)
+    requests = load_requests(args.warmup + args.requests, with_answers=labelled,
+                             with_images=pipe.runner.config.has_vision)
     runs = {row: RowRuns() for row in rows}
 
     with tqdm(total=len(requests) * len(rows), desc="requests", unit="req") as progress:
