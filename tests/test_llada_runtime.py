@@ -160,6 +160,18 @@ def test_the_prompt_is_the_chat_template_alone_and_image_is_text(pipes):
     assert prepared.ids == official_prompt(pipe.tokenizer, text)[0].tolist()  # no system turn, <image> as text
 
 
+def test_a_plain_prompt_is_tokenised_as_generate_py_takes_the_base_models(pipes, oracle):
+    pipe = pipes["torch"]
+    text = "The capital of France is"
+    prompt = torch.tensor([pipe.tokenizer(text, add_special_tokens=False)["input_ids"]])  # no BOS, no template
+    out = official.generate(oracle, prompt, steps=16, gen_length=16, block_length=8)
+    assert pipe.prepare(Request(text, plain=True)).ids == prompt[0].tolist()
+    result = pipe.generate(Request(text, plain=True), config=GenerationConfig(gen_length=16, block_length=8))
+    assert result.token_ids == out[0, prompt.shape[1]:].tolist()
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        pipe.generate(Request("", plain=True))
+
+
 def test_images_are_refused_by_a_model_without_vision(pipes, tmp_path):
     pipe = pipes["onnxruntime"]
     picture = torch.zeros(8, 8, 3, dtype=torch.uint8).numpy()

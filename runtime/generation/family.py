@@ -15,10 +15,11 @@ from llada_v.config import LLADA, LLADA_V
 class FamilyRules:
     family: str
     special: SpecialTokens
-    # The prompt format. LLaDA-V's (llada_v.conversation_ids): its system turn unless the conversation has one,
-    # `<image>` marks where an image goes. Otherwise LLaDA's chat.py (llada_v.tokenizer.chat_ids): the chat template
-    # alone, no system turn added, `<image>` is text like any other.
-    image_placeholders: bool
+    # How prompts become ids (generation/prompt.py request_ids), the family's name. LLaDA-V's: its system turn unless
+    # the conversation has one, `<image>` marks where an image goes, a plain prompt starts with BOS. LLaDA's
+    # generate.py and chat.py: the chat template alone, `<image>` is text like any other, a plain prompt (the Base
+    # model's) is tokenised as it is.
+    prompt_format: str
     # Never committed at a masked position.
     banned: tuple[int, ...]
     # Committing <|eot_id|> ends the answer before it (LLaDA-V); otherwise every step of every block runs and the
@@ -36,13 +37,17 @@ class FamilyRules:
     def of(cls, family: str, special: SpecialTokens) -> "FamilyRules":
         # The mask token is banned in both families: committing it would leave the position masked.
         if family == LLADA_V:
-            return cls(family, special, image_placeholders=True,
+            return cls(family, special, prompt_format=LLADA_V,
                        banned=(*special.banned_at_masked, special.mask), stops_at_eot=True,
                        draws_whole_sequence=False, chat_continues_ids=False)
         if family == LLADA:
-            return cls(family, special, image_placeholders=False, banned=(special.mask,), stops_at_eot=False,
+            return cls(family, special, prompt_format=LLADA, banned=(special.mask,), stops_at_eot=False,
                        draws_whole_sequence=True, chat_continues_ids=True)
         raise ValueError(f"unknown model family {family!r}")
+
+    @property
+    def image_placeholders(self) -> bool:
+        return self.prompt_format == LLADA_V
 
     def stop_position(self, answer: list[int]) -> int:
         """Where the answer ends: its first <|eot_id|> when the family stops there, else its length."""

@@ -205,9 +205,13 @@ def prompt_embeddings(ids: list[int], images: list[torch.Tensor], runner: Runner
 
 
 def request_ids(request: Request, tokenizer, rules: FamilyRules | None = None) -> list[int]:
-    """The prompt ids in the family's format (default LLaDA-V's)."""
-    if request.plain:
-        return plain_ids(tokenizer, request.prompt)
+    """The prompt ids in the family's format (FamilyRules.prompt_format; default LLaDA-V's)."""
     if rules is None or rules.image_placeholders:
-        return conversation_ids(tokenizer, request.messages())
-    return chat_ids(tokenizer, request.turns())
+        return plain_ids(tokenizer, request.prompt) if request.plain else conversation_ids(tokenizer, request.messages())
+    if not request.plain:
+        return chat_ids(tokenizer, request.turns())
+    # LLaDA's generate.py tokenises the Base model's prompt as it is: tokenizer(prompt, add_special_tokens=False)
+    ids = tokenizer(request.prompt, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError("the prompt is empty: a plain prompt needs some text to continue")
+    return ids
