@@ -78,7 +78,10 @@ def chat_request(messages: list[dict], images: list, image_placeholders: bool = 
     """The conversation with its decoded images, checked (roles, the last turn, placeholders against images)."""
     try:
         request = Request(messages, images or None)
-        request.messages() if image_placeholders else request.turns()
+        if image_placeholders:
+            request.messages()
+        else:
+            request.turns()
         return request
     except ValueError as err:
         raise APIError(400, str(err), "messages", "invalid_request") from err
