@@ -160,9 +160,17 @@ def test_text_bench_model_is_a_llada_checkpoint_in_the_released_layout(tmp_path,
         assert all(key.startswith("model.transformer.") for key in f.keys())
     model = load_model(checkpoint)
     assert model.config == text_bench_config() and model.config.language == bench_config().language  # every row
-    eot = SpecialTokens.from_tokenizer(load_tokenizer(checkpoint)).eot
-    assert model.denoiser.lm_head.weight[eot].abs().sum() == 0
+    special = SpecialTokens.from_tokenizer(load_tokenizer(checkpoint))
+    for never in (special.eot, *special.banned_at_masked):  # so LLaDA's rules and the research loops agree
+        assert model.denoiser.lm_head.weight[never].abs().sum() == 0
     assert load_manifest(tmp_path / "bench" / "engines")["parts"].keys() == {"denoiser"}
+    # The refresh-interval benchmark asks it the questions without images; the plain loops answer as the runtime.
+    out = tmp_path / "dial"
+    assert refresh_interval.main(["--engines", str(tmp_path / "bench" / "engines"), "--plain-model", str(checkpoint),
+                                  "--intervals", "1", "--cache", "dual", "--out", str(out), *TINY]) == 0
+    summaries = {s["row"]: s for s in json.loads((out / "results.json").read_text())["summaries"]}
+    exact = [s for s in summaries.values() if s["cache"] == "none" or s["refresh_interval"] == 1]
+    assert len(exact) == 3 and all(s["agreement"] == 1.0 for s in exact), summaries
 
 
 def test_serving_benchmark_measures_both_servers_with_the_same_load(engines_dir, tmp_path, capsys):
