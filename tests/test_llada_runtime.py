@@ -126,7 +126,12 @@ def test_a_chat_continues_the_ids_as_official_chat_py(pipes, oracle):
     prompt = None
     for question in ("Hi", "What is 2 + 3?", "And 4 + 5?"):
         answer, prompt = official.chat_turn(oracle, pipe.tokenizer, prompt, question, gen_length=32, steps=32)
-        result = conversation.send(question)
+        if question == "And 4 + 5?":  # streamed: the turn joins the conversation when the stream ends
+            stream = conversation.stream(question)
+            assert list(stream)[-1] == answer
+            result = stream.result
+        else:
+            result = conversation.send(question)
         assert result.text == answer
     assert [pipe.special.bos] + [t for turn in conversation.turn_ids for t in turn] == prompt[0].tolist()
     assert conversation.turns == 3 and conversation.messages[-1] == {"role": "assistant", "content": answer}
