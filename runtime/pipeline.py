@@ -135,7 +135,7 @@ class Pipeline:
             raise ValueError(f"config must be a GenerationConfig, got {type(cfg).__name__}")
         timer = StageTimer(self.runner.device)
         with timer("preprocess"):
-            prepared = [self.prepare(request) for request in requests]
+            prepared = [self._prepared(request) for request in requests]
         prompts = self.embed_prompts(prepared, timer)
         self.check_fits([len(prompt) for prompt in prompts], cfg)
         return self.decoder(prompts, cfg, timer)
@@ -147,13 +147,16 @@ class Pipeline:
         batch = Batch.left_padded(prompts, cfg.gen_length, self.special.mask, self.runner)
         return Decoder(self.runner, batch, cfg, self.rules, timer, seeds, tags)
 
-    def prepare(self, request: Request | PreparedRequest) -> PreparedRequest:
+    def prepare(self, request: Request) -> PreparedRequest:
         """The request's prompt ids and decoded images: the CPU work before the engines, safe on any thread."""
         return prepare(request, self.tokenizer, self.rules, self.runner.config.has_vision)
 
+    def _prepared(self, request: Request | PreparedRequest) -> PreparedRequest:
+        return request if isinstance(request, PreparedRequest) else self.prepare(request)
+
     def embed_prompts(self, requests: list[Request | PreparedRequest], timer: StageTimer) -> list[torch.Tensor]:
         """Each request's prompt [Lp, C], its images spliced in (all images through one vision call)."""
-        prepared = [self.prepare(r) for r in requests]
+        prepared = [self._prepared(r) for r in requests]
         images = image_embeddings(prepared, self.runner, timer, self.image_cache)
         return [prompt_embeddings(p.ids, im, self.runner) for p, im in zip(prepared, images)]
 

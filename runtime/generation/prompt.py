@@ -137,11 +137,9 @@ class PreparedRequest:
         return "pad" if len(self.images) > 1 else "anyres"
 
 
-def prepare(request: Request | PreparedRequest, tokenizer, rules: FamilyRules, has_vision: bool) -> PreparedRequest:
-    """The request's ids and decoded images (a PreparedRequest as it is); ValueError for a bad request, an
-    unreadable or too large image (padded squares included) or images for a text-only model."""
-    if isinstance(request, PreparedRequest):
-        return request
+def prepare(request: Request, tokenizer, rules: FamilyRules, has_vision: bool) -> PreparedRequest:
+    """The request's ids and decoded images; ValueError for a bad request, an unreadable or too large image
+    (padded squares included) or images for a text-only model."""
     if request.images and not has_vision:
         raise ValueError(NO_VISION)
     ids = request_ids(request, tokenizer, rules)
