@@ -3,6 +3,7 @@ on the tiny released-layout checkpoint, the torch backend and fp32 ONNX engines 
 and text for several settings, random remasking included, alone and in a left-padded batch; a chat continues the
 ids as official chat.py does; and what the model cannot do is refused with a message saying why."""
 
+import functools
 import shutil
 
 import pytest
@@ -12,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import official_llada as official
 from exporter import build_engines
+from llada_v import load_tokenizer
 from llada_v.tokenizer import chat_ids
 from released_llada_layout import EOS, EOT, MASK
 from runtime import GenerationConfig, Pipeline, PromptTooLongError, Request
@@ -56,13 +58,24 @@ def official_prompt(tokenizer, question: str) -> torch.Tensor:
     return torch.tensor([tokenizer(text)["input_ids"]])
 
 
-def official_answer(oracle, tokenizer, question: str, gen_length: int, block_length: int, steps: int,
-                    **settings) -> tuple[list[int], str]:
-    prompt = official_prompt(tokenizer, question)
-    out = official.generate(oracle, prompt, steps=steps, gen_length=gen_length, block_length=block_length,
-                            **settings)
-    ids = out[:, prompt.shape[1]:]
-    return ids[0].tolist(), tokenizer.batch_decode(ids, skip_special_tokens=True)[0]
+@pytest.fixture(scope="module")
+def official_answer(oracle, ending_llada):
+    """answer(gen_length, block_length, steps, remasking, seed): generate.py's (ids, text) for QUESTION, each computed
+    once. seed: set torch's global generator first, which random remasking draws from."""
+    tokenizer = load_tokenizer(ending_llada)
+
+    @functools.cache
+    def answer(gen_length: int, block_length: int, steps: int, remasking: str = "low_confidence",
+               seed: int | None = None) -> tuple[list[int], str]:
+        if seed is not None:
+            torch.manual_seed(seed)
+        prompt = official_prompt(tokenizer, QUESTION)
+        out = official.generate(oracle, prompt, steps=steps, gen_length=gen_length, block_length=block_length,
+                                remasking=remasking)
+        ids = out[:, prompt.shape[1]:]
+        return ids[0].tolist(), tokenizer.batch_decode(ids, skip_special_tokens=True)[0]
+
+    return answer
 
 
 def test_the_defaults_are_the_official_ones():
@@ -73,9 +86,9 @@ def test_the_defaults_are_the_official_ones():
 
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
 @pytest.mark.parametrize("gen_length, block_length, steps", SETTINGS)
-def test_generate_gives_the_official_tokens(pipes, oracle, backend, gen_length, block_length, steps):
+def test_generate_gives_the_official_tokens(pipes, official_answer, backend, gen_length, block_length, steps):
     pipe = pipes[backend]
-    ids, text = official_answer(oracle, pipe.tokenizer, QUESTION, gen_length, block_length, steps)
+    ids, text = official_answer(gen_length, block_length, steps)
     assert MASK not in ids  # the official loop never committed the mask token, which the runtime bans
     assert EOS in ids  # which LLaDA-V bans
     result = pipe.generate(QUESTION, config=GenerationConfig(gen_length=gen_length, block_length=block_length,
@@ -85,8 +98,8 @@ def test_generate_gives_the_official_tokens(pipes, oracle, backend, gen_length, 
     assert result.stats["nfe"] == steps
 
 
-def test_an_answer_runs_past_its_eot(pipes, oracle):
-    ids, text = official_answer(oracle, pipes["torch"].tokenizer, QUESTION, 128, 32, 128)
+def test_an_answer_runs_past_its_eot(pipes, official_answer):
+    ids, text = official_answer(128, 32, 128)
     assert EOT in ids[:-1] and set(ids[ids.index(EOT):]) - {EOT, EOS}  # LLaDA-V would have stopped there
     result = pipes["torch"].generate(QUESTION)
     assert result.token_ids == ids and result.text == text and result.stats["finish_reason"] == "stop"
@@ -94,18 +107,17 @@ def test_an_answer_runs_past_its_eot(pipes, oracle):
 
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
 @pytest.mark.parametrize("seed", [0, 7])
-def test_random_remasking_draws_as_the_official_code_with_the_same_seed(pipes, oracle, backend, seed):
+def test_random_remasking_draws_as_the_official_code_with_the_same_seed(pipes, official_answer, backend, seed):
     pipe = pipes[backend]
-    torch.manual_seed(seed)  # the official code draws from torch's global generator
-    ids, _ = official_answer(oracle, pipe.tokenizer, QUESTION, 32, 16, 16, remasking="random")
+    ids, _ = official_answer(32, 16, 16, "random", seed)
     result = pipe.generate(QUESTION, config=GenerationConfig(gen_length=32, block_length=16, steps=16,
                                                              remasking="random", seed=seed))
     assert result.token_ids == ids
-    low_confidence, _ = official_answer(oracle, pipe.tokenizer, QUESTION, 32, 16, 16)
+    low_confidence, _ = official_answer(32, 16, 16)
     assert ids != low_confidence  # the draws decided the order
 
 
-def test_a_batch_gives_the_official_left_padded_batch(pipes, oracle):
+def test_a_batch_gives_the_official_left_padded_batch(pipes, oracle, official_answer):
     """generate.py's main batches prompts left-padded with <|endoftext|> and an attention_mask; each row of ours is
     decoded as alone, and both give the same tokens."""
     pipe = pipes["onnxruntime"]
@@ -117,7 +129,7 @@ def test_a_batch_gives_the_official_left_padded_batch(pipes, oracle):
     out = official.generate(oracle, padded, attention_mask, steps=16, gen_length=16, block_length=8)
     results = pipe.generate(questions, config=GenerationConfig(gen_length=16, block_length=8, steps=16))
     assert [r.token_ids for r in results] == out[:, width:].tolist()
-    assert results[0].token_ids == official_answer(oracle, pipe.tokenizer, QUESTION, 16, 8, 16)[0]
+    assert results[0].token_ids == official_answer(16, 8, 16)[0]
 
 
 def test_a_chat_continues_the_ids_as_official_chat_py(pipes, oracle):

@@ -365,7 +365,7 @@ def test_health_is_503_until_the_engines_are_loaded(monkeypatch):
 
 
 def test_an_unexpected_fault_is_internal_error_json_with_the_detail_only_in_the_log(monkeypatch, caplog):
-    def broken(body):
+    def broken(*args):
         raise RuntimeError("disk on fire in /srv/secret")
 
     monkeypatch.setattr(server_module, "conversation", broken)
