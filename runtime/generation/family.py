@@ -13,13 +13,12 @@ from llada_v.config import LLADA, LLADA_V
 
 @dataclass(frozen=True)
 class FamilyRules:
-    family: str
-    special: SpecialTokens
-    # How prompts become ids (generation/prompt.py request_ids), the family's name. LLaDA-V's: its system turn unless
-    # the conversation has one, `<image>` marks where an image goes, a plain prompt starts with BOS. LLaDA's
+    # The family also says how prompts become ids (generation/prompt.py request_ids). LLaDA-V's: its system turn
+    # unless the conversation has one, `<image>` marks where an image goes, a plain prompt starts with BOS. LLaDA's
     # generate.py and chat.py: the chat template alone, `<image>` is text like any other, a plain prompt (the Base
     # model's) is tokenised as it is.
-    prompt_format: str
+    family: str
+    special: SpecialTokens
     # Never committed at a masked position.
     banned: tuple[int, ...]
     # Committing <|eot_id|> ends the answer before it (LLaDA-V); otherwise every step of every block runs and the
@@ -37,17 +36,16 @@ class FamilyRules:
     def of(cls, family: str, special: SpecialTokens) -> "FamilyRules":
         # The mask token is banned in both families: committing it would leave the position masked.
         if family == LLADA_V:
-            return cls(family, special, prompt_format=LLADA_V,
-                       banned=(*special.banned_at_masked, special.mask), stops_at_eot=True,
+            return cls(family, special, banned=(*special.banned_at_masked, special.mask), stops_at_eot=True,
                        draws_whole_sequence=False, chat_continues_ids=False)
         if family == LLADA:
-            return cls(family, special, prompt_format=LLADA, banned=(special.mask,), stops_at_eot=False,
+            return cls(family, special, banned=(special.mask,), stops_at_eot=False,
                        draws_whole_sequence=True, chat_continues_ids=True)
         raise ValueError(f"unknown model family {family!r}")
 
     @property
     def image_placeholders(self) -> bool:
-        return self.prompt_format == LLADA_V
+        return self.family == LLADA_V
 
     def stop_position(self, answer: list[int]) -> int:
         """Where the answer ends: its first <|eot_id|> when the family stops there, else its length."""

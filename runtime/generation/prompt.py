@@ -203,7 +203,7 @@ def prompt_embeddings(ids: list[int], images: list[torch.Tensor], runner: Runner
 
 
 def request_ids(request: Request, tokenizer, rules: FamilyRules | None = None) -> list[int]:
-    """The prompt ids in the family's format (FamilyRules.prompt_format; default LLaDA-V's)."""
+    """The prompt ids in the family's format (FamilyRules.family; default LLaDA-V's)."""
     if rules is None or rules.image_placeholders:
         return plain_ids(tokenizer, request.prompt) if request.plain else conversation_ids(tokenizer, request.messages())
     if not request.plain:

@@ -18,7 +18,8 @@ class GenerationStats:
     tokens / seconds; batch_size; prompt_lengths: each row's prompt positions (image embeddings included);
     stage_seconds: preprocess, vision, projector, full_forward, cached_forward, remasking and other (the rest);
     engine_seconds: vision + projector + full and cached forwards; queue_seconds: the wait before a server request
-    started; finish_reason: "stop" (the answer ended at <|eot_id|>) or "length" (cut at the answer's length).
+    started; finish_reason: "stop" (the model ended the answer: FamilyRules.final_answer) or "length" (cut at the
+    answer's length).
     """
 
     nfe: int
@@ -43,7 +44,8 @@ class GenerationStats:
 
 @dataclass
 class GenerationResult:
-    """text: the answer; token_ids: its ids, up to (not including) <|eot_id|>; stats: what it cost."""
+    """text: the answer; token_ids: its ids (LLaDA-V: up to, not including, <|eot_id|>; LLaDA: every position);
+    stats: what it cost."""
 
     text: str
     token_ids: list[int]
