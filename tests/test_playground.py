@@ -64,7 +64,9 @@ def test_the_playground_denoises_in_place_and_answers_as_the_api(server, page, t
     page.locator("#key-form").wait_for(state="visible")  # the server has a key: the page asks for it
     page.fill("#key", "playground-key")
     page.click("#key-form button")
-    page.wait_for_function("document.getElementById('status').textContent === 'ready'")
+    # A locator assertion, not wait_for_function: that evaluates its string with eval(), which the page's CSP
+    # (script-src 'self') refuses.
+    playwright_api.expect(page.locator("#status")).to_have_text("ready", timeout=30_000)
     assert page.inner_text("#model") == "llada-v-demo"
 
     page.set_input_files("#file", str(EXAMPLE))
