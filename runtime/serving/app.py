@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import socket
 import threading
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import replace
 
 import anyio
 from fastapi import FastAPI, Request as HTTPRequest
@@ -32,20 +30,19 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from ..backends import check_backend
 from ..config import GenerationConfig
 from ..pipeline import Pipeline
 from . import playground
 from .auth import ApiKeyCheck
 from .canvas import Canvas
 from .errors import APIError, internal_error
-from .limits import ConcurrencyLimit, PixelBudget, ServerLimits
+from .limits import ConcurrencyLimit, PixelBudget
 from .metrics import ServerMetrics
 from .openai_inputs import ImageReader, chat_request, conversation, plain_prompt, text_request
 from .responses import Completion
 from .scheduler import QueueFullError, Scheduler, SchedulerStoppedError
 from .schemas import ChatCompletionRequest, CompletionRequest, CompletionSettings
-from .settings import SERVE_DEFAULTS
+from .settings import ServerSettings
 
 log = logging.getLogger("runtime.serving.app")
 REPLICA_ID = f"{socket.gethostname()}-{os.getpid()}"
@@ -53,56 +50,10 @@ PREPARE_THREADS = min(4, os.cpu_count() or 1)  # requests decoded and tokenized 
 DOCS_PATHS = ("/docs", "/docs/*", "/redoc", "/openapi.json")
 
 
-@dataclass(frozen=True)
-class ServerSettings:
-    """What `python -m runtime serve` is given. defaults: the settings of a request that names none
-    (max_tokens -> gen_length); max_body_mb: a request body; max_image_mb: one image's encoded bytes;
-    api_keys: Bearer keys every path but /health, /metrics (unless protect_metrics) and the playground needs
-    (none: open to anyone who reaches the port); allowed_origins: web origins that may call it (CORS);
-    allowed_hosts: Host headers it answers (None: any); docs: serve /docs, /redoc and /openapi.json;
-    playground: serve the page at /; limits: what one request may cost (limits.py)."""
-
-    engines: str
-    backend: str = "onnxruntime"
-    device: str | None = None
-    max_batch: int = 8
-    max_queue: int = 64
-    image_cache_mb: float = 256
-    max_body_mb: float = 32
-    max_image_mb: float = 16
-    allow_local_images: str | None = None
-    model_name: str | None = None
-    defaults: GenerationConfig = SERVE_DEFAULTS
-    load_in_background: bool = True  # False: the app's startup waits for the engines (Ray Serve replicas)
-    api_keys: tuple[str, ...] = ()
-    protect_metrics: bool = False
-    allowed_origins: tuple[str, ...] = ()
-    allowed_hosts: tuple[str, ...] | None = None
-    docs: bool = False
-    playground: bool = True
-    limits: ServerLimits = field(default_factory=ServerLimits)
-
-    def __post_init__(self):
-        check_backend(self.backend)
-        for name, zero_ok in (("max_body_mb", False), ("max_image_mb", False), ("image_cache_mb", True)):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < math.inf \
-                    or (value == 0 and not zero_ok):
-                raise ValueError(f"{name} must be a number of MB {'>= 0' if zero_ok else '> 0'}, got {value!r}")
-        if self.allow_local_images is not None and not Path(self.allow_local_images).is_dir():
-            raise ValueError(f"--allow-local-images {self.allow_local_images}: not a folder")
-        if self.protect_metrics and not self.api_keys:
-            raise ValueError("--protect-metrics needs an API key (--api-key)")
-
-    @property
-    def name(self) -> str:
-        return self.model_name or Path(self.engines).resolve().name
-
-    @property
-    def open_paths(self) -> tuple[str, ...]:
-        """The paths that need no API key."""
-        return ("/health", *(() if self.protect_metrics else ("/metrics",)),
-                *(playground.PATHS if self.playground else ()), *(DOCS_PATHS if self.docs else ()))
+def open_paths(settings: ServerSettings) -> tuple[str, ...]:
+    """The paths that need no API key."""
+    return ("/health", *(() if settings.protect_metrics else ("/metrics",)),
+            *(playground.PATHS if settings.playground else ()), *(DOCS_PATHS if settings.docs else ()))
 
 
 # ---- from the body to a GenerationConfig --------------------------------------------------------------------------
@@ -281,7 +232,7 @@ def create_app(settings: ServerSettings, *, on_load_failure=None, shutdown_timeo
     # CORS, the key, then the body limit.
     app.add_middleware(BodyLimit, max_bytes=int(settings.max_body_mb * 2**20))
     if settings.api_keys:
-        app.add_middleware(ApiKeyCheck, keys=settings.api_keys, open_paths=settings.open_paths)
+        app.add_middleware(ApiKeyCheck, keys=settings.api_keys, open_paths=open_paths(settings))
     if settings.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_methods=["GET", "POST"],
                            allow_headers=["authorization", "content-type"])

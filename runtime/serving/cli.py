@@ -3,26 +3,31 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import sys
 
 from ..config import GenerationConfig
 from .auth import ENV_VAR
 from .limits import ServerLimits
-from .settings import ListenerSettings
+from .settings import ListenerSettings, ServerSettings
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 
 
 def add_serve_options(serve: argparse.ArgumentParser) -> None:
     limits, listener = ServerLimits(), ListenerSettings()
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--max-batch", type=int, default=8, help="rows decoded together, all requests (default 8)")
-    serve.add_argument("--max-queue", type=int, default=64,
-                       help="requests waiting for a row; beyond it: 503 with Retry-After (default 64)")
-    serve.add_argument("--image-cache-mb", type=float, default=256,
-                       help="image embeddings kept for images seen again, MB (0 = off; default 256)")
+    server = {f.name: f.default for f in dataclasses.fields(ServerSettings)}  # its required `engines` has none
+    serve.add_argument("--host", default=listener.host)
+    serve.add_argument("--port", type=int, default=listener.port)
+    serve.add_argument("--max-batch", type=int, default=server["max_batch"],
+                       help=f"rows decoded together, all requests (default {server['max_batch']})")
+    serve.add_argument("--max-queue", type=int, default=server["max_queue"],
+                       help=f"requests waiting for a row; beyond it: 503 with Retry-After "
+                            f"(default {server['max_queue']})")
+    serve.add_argument("--image-cache-mb", type=float, default=server["image_cache_mb"],
+                       help=f"image embeddings kept for images seen again, MB (0 = off; default "
+                            f"{server['image_cache_mb']:g})")
     serve.add_argument("--allow-local-images", metavar="DIR", default=None,
                        help="accept image_url paths (file://...) inside DIR; refused otherwise")
     serve.add_argument("--model-name", default=None, help="the model id in /v1/models (default: the folder's name)")
@@ -58,8 +63,10 @@ def add_serve_options(serve: argparse.ArgumentParser) -> None:
     cost.add_argument("--max-megapixels-in-flight", type=float, default=limits.max_megapixels_in_flight,
                       help=f"decoded images of all requests at once; beyond it: 503 with Retry-After "
                            f"(default {limits.max_megapixels_in_flight:g})")
-    cost.add_argument("--max-body-mb", type=float, default=32, help="largest request body (default 32)")
-    cost.add_argument("--max-image-mb", type=float, default=16, help="largest encoded image (default 16)")
+    cost.add_argument("--max-body-mb", type=float, default=server["max_body_mb"],
+                      help=f"largest request body (default {server['max_body_mb']:g})")
+    cost.add_argument("--max-image-mb", type=float, default=server["max_image_mb"],
+                      help=f"largest encoded image (default {server['max_image_mb']:g})")
     cost.add_argument("--max-concurrent-requests", type=int, default=limits.max_concurrent_requests,
                       help=f"requests in progress (being read, waiting or running); beyond it: 503 with "
                            f"Retry-After (default {limits.max_concurrent_requests})")
@@ -95,7 +102,6 @@ def allowed_hosts(args) -> tuple[str, ...] | None:
 
 def serve(args, defaults: GenerationConfig) -> int:
     from .auth import api_keys
-    from .app import ServerSettings
 
     limits = ServerLimits(args.max_tokens_limit, args.max_prompt_chars, args.max_images, args.max_image_megapixels,
                           args.max_megapixels_in_flight, args.max_concurrent_requests, args.request_timeout or None)

@@ -13,7 +13,8 @@ import dataclasses
 import signal
 import time
 
-from .app import ServerSettings, create_app
+from .app import create_app
+from .settings import ServerSettings
 
 
 def deployment(settings: ServerSettings, replicas: int):

@@ -1,14 +1,65 @@
-"""What an operator sets that the command line shows before anything heavy loads: a request's defaults and
-uvicorn's listener settings (the server's own settings are app.ServerSettings, its limits limits.ServerLimits)."""
+"""What an operator sets, importable without the server's dependencies, so the command line shows its defaults
+before anything heavy loads: a request's defaults, the server's settings and uvicorn's listener settings (what one
+request may cost is limits.ServerLimits)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
 
+from ..backends import check_backend
 from ..config import GenerationConfig
+from .limits import ServerLimits
 
 # The settings of a request that names none (max_tokens -> gen_length): shorter answers than a library call's.
 SERVE_DEFAULTS = GenerationConfig(gen_length=64)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What `python -m runtime serve` is given. defaults: the settings of a request that names none
+    (max_tokens -> gen_length); max_body_mb: a request body; max_image_mb: one image's encoded bytes;
+    api_keys: Bearer keys every path but /health, /metrics (unless protect_metrics) and the playground needs
+    (none: open to anyone who reaches the port); allowed_origins: web origins that may call it (CORS);
+    allowed_hosts: Host headers it answers (None: any); docs: serve /docs, /redoc and /openapi.json;
+    playground: serve the page at /; limits: what one request may cost (limits.py)."""
+
+    engines: str
+    backend: str = "onnxruntime"
+    device: str | None = None
+    max_batch: int = 8
+    max_queue: int = 64
+    image_cache_mb: float = 256
+    max_body_mb: float = 32
+    max_image_mb: float = 16
+    allow_local_images: str | None = None
+    model_name: str | None = None
+    defaults: GenerationConfig = SERVE_DEFAULTS
+    load_in_background: bool = True  # False: the app's startup waits for the engines (Ray Serve replicas)
+    api_keys: tuple[str, ...] = ()
+    protect_metrics: bool = False
+    allowed_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] | None = None
+    docs: bool = False
+    playground: bool = True
+    limits: ServerLimits = field(default_factory=ServerLimits)
+
+    def __post_init__(self):
+        check_backend(self.backend)
+        for name, zero_ok in (("max_body_mb", False), ("max_image_mb", False), ("image_cache_mb", True)):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < math.inf \
+                    or (value == 0 and not zero_ok):
+                raise ValueError(f"{name} must be a number of MB {'>= 0' if zero_ok else '> 0'}, got {value!r}")
+        if self.allow_local_images is not None and not Path(self.allow_local_images).is_dir():
+            raise ValueError(f"--allow-local-images {self.allow_local_images}: not a folder")
+        if self.protect_metrics and not self.api_keys:
+            raise ValueError("--protect-metrics needs an API key (--api-key)")
+
+    @property
+    def name(self) -> str:
+        return self.model_name or Path(self.engines).resolve().name
 
 
 @dataclass(frozen=True)
