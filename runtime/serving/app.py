@@ -39,7 +39,7 @@ from .errors import APIError, internal_error
 from .limits import ConcurrencyLimit, PixelBudget
 from .metrics import ServerMetrics
 from .openai_inputs import ImageReader, chat_request, conversation, plain_prompt, text_request
-from .responses import Completion
+from .responses import Completion, scheduler_refusal
 from .scheduler import QueueFullError, Scheduler, SchedulerStoppedError
 from .schemas import ChatCompletionRequest, CompletionRequest, CompletionSettings
 from .settings import ServerSettings
@@ -194,12 +194,6 @@ class Engine:
             self.scheduler.stop(timeout)
         if self.pipeline is not None:
             self.pipeline.close()
-
-
-def scheduler_refusal(err: Exception) -> APIError:
-    if isinstance(err, QueueFullError):
-        return APIError(503, str(err), None, "queue_full", {"Retry-After": "1"})
-    return APIError(503, str(err), None, "shutting_down", {"Retry-After": "5"})
 
 
 def create_app(settings: ServerSettings, *, on_load_failure=None, shutdown_timeout: float = 30.0) -> FastAPI:

@@ -16,7 +16,7 @@ from llada_v.image_processing import ImageTooLargeError
 from ..generation.results import PromptTooLongError
 from .canvas import Canvas
 from .errors import APIError, internal_error
-from .scheduler import Event, RequestTimeoutError, SchedulerStoppedError
+from .scheduler import Event, QueueFullError, RequestTimeoutError, SchedulerStoppedError
 
 log = logging.getLogger("runtime.serving.app")
 
@@ -128,7 +128,7 @@ def job_error(err: BaseException, request_id: str, prompt_param: str = "messages
     elif isinstance(err, ValueError):
         error = APIError(400, str(err), None, "invalid_request")
     elif isinstance(err, SchedulerStoppedError):
-        error = APIError(503, str(err), None, "shutting_down", {"Retry-After": "5"})
+        error = scheduler_refusal(err)
     elif isinstance(err, RequestTimeoutError):
         error = APIError(504, f"{err} (the server's --request-timeout)", None, "request_timeout")
     else:
@@ -136,6 +136,13 @@ def job_error(err: BaseException, request_id: str, prompt_param: str = "messages
         error = internal_error(request_id)
     error.counted = True
     return error
+
+
+def scheduler_refusal(err: QueueFullError | SchedulerStoppedError) -> APIError:
+    """503 with Retry-After: the queue is full, or the server is shutting down."""
+    if isinstance(err, QueueFullError):
+        return APIError(503, str(err), None, "queue_full", {"Retry-After": "1"})
+    return APIError(503, str(err), None, "shutting_down", {"Retry-After": "5"})
 
 
 def usage(result) -> dict:
