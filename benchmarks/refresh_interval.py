@@ -204,7 +204,7 @@ def plain_loop(pipe, request: Request, settings: dict, cache: str):
         else:
             answers, full, cached = cached_loop(pipe.runner.model, prompts[0], pipe.special, *decode, cache)
     seconds = time.perf_counter() - start
-    ids, finish_reason = pipe.final_answer(answers[0].tolist())
+    ids, finish_reason = pipe.rules.final_answer(answers[0].tolist())
     # Its time outside the model is not measured apart: `outside` reads nan.
     stats = GenerationStats(nfe=full + cached, full_forwards=full, cached_forwards=cached, steps=full + cached,
                             seconds=seconds, tokens_per_second=len(ids) / seconds, batch_size=1,

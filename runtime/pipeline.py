@@ -163,7 +163,7 @@ class Pipeline:
     def results(self, decoder: Decoder) -> list[GenerationResult]:
         """Every row's result once the loop is done; they share the batch's figures (GenerationStats)."""
         seconds = decoder.timer.elapsed()
-        answers = [self.final_answer(ids) for ids in decoder.answers]
+        answers = [self.rules.final_answer(ids) for ids in decoder.answers]
         counts, timing = decoder.counts, decoder.timer.stats(seconds)
         tokens = sum(len(ids) for ids, _ in answers)
         return [GenerationResult(self.text(ids), ids, GenerationStats(
@@ -171,11 +171,6 @@ class Pipeline:
             tokens_per_second=tokens / seconds, batch_size=len(answers),
             prompt_lengths=list(decoder.batch.prompt_lengths), **copy.deepcopy(timing), finish_reason=reason))
             for ids, reason in answers]
-
-    def final_answer(self, answer: list[int]) -> tuple[list[int], str]:
-        """The answer's ids and why it ended ("stop" or "length"), by the family's rules (FamilyRules.final_answer):
-        LLaDA-V's up to (not including) <|eot_id|>, LLaDA's every position."""
-        return self.rules.final_answer(answer)
 
     def text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -376,14 +376,14 @@ class Scheduler:
 
     def _result(self, job: Job, decoder: Decoder, row: int) -> GenerationResult:
         """The row's own figures: its denoiser calls (one per step), the time since it started."""
-        ids, finish_reason = self.pipeline.final_answer(decoder.answers[row])
+        ids, finish_reason = self.pipeline.rules.final_answer(decoder.answers[row])
         if job.max_tokens is not None and len(ids) > job.max_tokens:
             ids, finish_reason = ids[:job.max_tokens], "length"
         state, seconds = decoder.rows[row], time.perf_counter() - job.started
         nfe = state.full_forwards + state.cached_forwards
         stats = GenerationStats(nfe=nfe, full_forwards=state.full_forwards, cached_forwards=state.cached_forwards,
-                                steps=nfe, seconds=seconds,
-                                tokens_per_second=len(ids) / seconds if seconds > 0 else 0.0, batch_size=1, prompt_lengths=[decoder.batch.prompt_lengths[row]],
+                                steps=nfe, seconds=seconds, tokens_per_second=len(ids) / seconds if seconds > 0 else 0.0,
+                                batch_size=1, prompt_lengths=[decoder.batch.prompt_lengths[row]],
                                 queue_seconds=job.started - job.submitted, finish_reason=finish_reason)
         if self.metrics is not None:
             self.metrics.tokens(len(ids))
