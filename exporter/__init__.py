@@ -11,7 +11,7 @@ import importlib
 _SOURCES = {"BuildError": "build", "EngineBuildError": "build", "ValidationError": "build", "build_engines": "build",
             "load_manifest": "manifest"}
 
-__all__ = ["BuildError", "EngineBuildError", "ValidationError", "build_engines", "load_manifest"]
+__all__ = list(_SOURCES)
 
 
 def __getattr__(name: str):

@@ -15,8 +15,7 @@ _SOURCES = {"Pipeline": "pipeline", "Stream": "pipeline", "Conversation": "chat"
             "GenerationResult": "generation.results", "GenerationStats": "generation.results",
             "PromptTooLongError": "generation.results", "Request": "generation.prompt", "Runner": "backends.runner"}
 
-__all__ = ["Pipeline", "GenerationConfig", "GenerationResult", "GenerationStats", "PromptTooLongError",
-           "Conversation", "Request", "Stream", "Runner"]
+__all__ = list(_SOURCES)
 
 
 def __getattr__(name: str):
