@@ -8,12 +8,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from openai import OpenAI
-from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.server_process import ServerProcess, user_message
 from runtime import GenerationConfig, Pipeline, Request
 from runtime.generation.prompt import request_ids
+from server_checks import client, metric
 
 
 @pytest.fixture(scope="module")
@@ -31,22 +30,6 @@ def pipe(no_eot_model_dir):
         yield pipe
 
 
-def client(server) -> OpenAI:
-    return OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
-
-
-def calls(url: str) -> float:
-    families = text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
-    return sum(s.value for f in families if f.name == "llada_denoiser_calls" for s in f.samples
-               if s.name.endswith("_total"))
-
-
-def completed(url: str) -> float:
-    families = text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
-    return next(s.value for f in families if f.name == "llada_requests" for s in f.samples
-                if s.labels.get("outcome") == "completed" and s.name.endswith("_total"))
-
-
 def test_a_plain_prompt_has_no_chat_template(pipe):
     ids = request_ids(Request("The circle is", plain=True), pipe.tokenizer)
     assert ids == [pipe.tokenizer.bos_token_id, *pipe.tokenizer("The circle is", add_special_tokens=False)["input_ids"]]
@@ -58,7 +41,7 @@ def test_a_plain_prompt_has_no_chat_template(pipe):
 def test_openai_client_completions_plain_and_streaming(open_server, pipe):
     cfg = GenerationConfig(gen_length=16, block_length=8, steps=16, seed=3, temperature=0.5)
     expected = pipe.generate(Request("The circle is", plain=True), config=cfg)
-    before = completed(open_server.url)
+    before = metric(open_server, "llada_requests_total", outcome="completed")
     answer = client(open_server).completions.create(model="m", prompt="The circle is", max_tokens=16, seed=3,
                                                     temperature=0.5, extra_body={"block_length": 8})
     assert answer.object == "text_completion" and answer.id.startswith("cmpl-")
@@ -73,7 +56,7 @@ def test_openai_client_completions_plain_and_streaming(open_server, pipe):
     assert len([c for c in chunks if c.choices and c.choices[0].text]) > 1  # the prefix arrived in pieces
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].usage.completion_tokens == 16
-    assert completed(open_server.url) == before + 2
+    assert metric(open_server, "llada_requests_total", outcome="completed") == before + 2
 
 
 # On a CPU full passes run one row at a time; cached passes are shared.
@@ -85,7 +68,7 @@ def test_completions_and_chat_requests_share_the_batch(open_server, pipe):
         [("chat", f"What is shape number {i}?", i) for i in range(3)]
     clients = [client(open_server) for _ in asks]
     ready = threading.Barrier(len(asks))
-    before = calls(open_server.url)
+    before = metric(open_server, "llada_denoiser_calls_total")
 
     def ask(item, openai_client):
         kind, text, seed = item
@@ -103,7 +86,8 @@ def test_completions_and_chat_requests_share_the_batch(open_server, pipe):
     for (kind, text, seed), (got, _) in zip(asks, answers):
         cfg = GenerationConfig(gen_length=16, block_length=8, steps=16, seed=seed, cache="dual", refresh_interval=2)
         assert got == pipe.generate(Request(text, plain=kind == "completion"), config=cfg).text
-    assert calls(open_server.url) - before < sum(nfe for _, nfe in answers)  # rows shared denoiser calls
+    calls = metric(open_server, "llada_denoiser_calls_total") - before
+    assert calls < sum(nfe for _, nfe in answers)  # rows shared denoiser calls
 
 
 @pytest.mark.parametrize("body, param, code", [

@@ -9,12 +9,13 @@ import sys
 import httpx
 import numpy as np
 import pytest
-from openai import BadRequestError, OpenAI
+from openai import BadRequestError
 
 from benchmarks.server_process import ServerProcess, user_message
 from exporter import build_engines
 from runtime import GenerationConfig, Pipeline, Request
 from runtime.__main__ import main
+from server_checks import client
 
 CONFIG = GenerationConfig(gen_length=16, block_length=8, steps=16)
 SETTINGS = ["--gen-length", "16", "--block-length", "8"]
@@ -36,10 +37,6 @@ def server(engines):
     server = ServerProcess("--engines", str(engines), "--gen-length", "16", "--block-length", "8")
     yield server
     server.stop()
-
-
-def client(server) -> OpenAI:
-    return OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
 
 
 def test_cli_generate(engines, pipe):

@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from openai import OpenAI
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
 import llada_v
 from benchmarks.server_process import ServerProcess, user_message
 from runtime import GenerationConfig, Pipeline
 from runtime.serving import app as server_module
-from runtime.serving.app import ServerSettings, create_app
+from runtime.serving.app import create_app
+from runtime.serving.settings import ServerSettings
+from server_checks import client, metric, post, wait_until
 
 # max_tokens 8 with the server's default block 32 -> gen_length 8 in one block of 8, 8 steps (see generation_config).
 CONFIG_8 = dict(gen_length=8, block_length=8, steps=8)
@@ -30,14 +30,6 @@ CONFIG_8 = dict(gen_length=8, block_length=8, steps=8)
 
 def image(seed: int, size=(90, 140)) -> np.ndarray:
     return (np.random.RandomState(seed).rand(*size, 3) * 255).astype(np.uint8)
-
-
-def metric(url: str, name: str, **labels) -> float:
-    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    raise KeyError(name)
 
 
 @pytest.fixture(scope="module")
@@ -78,10 +70,6 @@ def long_pipe(no_eot_model_dir):
         yield pipe
 
 
-def client(server) -> OpenAI:
-    return OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
-
-
 # ---- answers ----------------------------------------------------------------------------------------------------
 
 def test_openai_client_plain_and_streaming_with_an_image(shipped_server, shipped_pipe):
@@ -108,8 +96,7 @@ def test_openai_client_plain_and_streaming_with_an_image(shipped_server, shipped
 
 
 def test_sixteen_concurrent_clients_get_their_answers_alone(long_server, long_pipe):
-    calls_before = metric(long_server.url, "llada_denoiser_calls_total", kind="full") + \
-        metric(long_server.url, "llada_denoiser_calls_total", kind="cached")
+    calls_before = metric(long_server, "llada_denoiser_calls_total")  # full and cached
     asks = [(f"Question number {i}{' about this picture' * (i % 3)}?", [image(i)] if i % 2 else [], i,
              "dual" if i % 4 < 2 else "none") for i in range(16)]
 
@@ -130,8 +117,7 @@ def test_sixteen_concurrent_clients_get_their_answers_alone(long_server, long_pi
         cfg = GenerationConfig(gen_length=16, block_length=8, steps=16, seed=seed, temperature=0.5, cache=cache,
                                refresh_interval=2)
         assert got == long_pipe.generate(text, image=images or None, config=cfg).text
-    calls = metric(long_server.url, "llada_denoiser_calls_total", kind="full") + \
-        metric(long_server.url, "llada_denoiser_calls_total", kind="cached") - calls_before
+    calls = metric(long_server, "llada_denoiser_calls_total") - calls_before
     assert calls < sum(nfe for _, nfe in answers)  # rows shared denoiser calls
 
 
@@ -174,17 +160,17 @@ def test_max_tokens_maps_onto_blocks(long_server, long_pipe):
 
 
 def test_image_cache_hits_and_metrics_parse(shipped_server):
-    hits = metric(shipped_server.url, "llada_image_cache_total", result="hit")
-    completed = metric(shipped_server.url, "llada_requests_total", outcome="completed")
+    hits = metric(shipped_server, "llada_image_cache_total", result="hit")
+    completed = metric(shipped_server, "llada_requests_total", outcome="completed")
     messages = [user_message("What shape is it?", [image(9)])]
     answers = [client(shipped_server).chat.completions.create(model="m", messages=messages, max_tokens=8)
                .choices[0].message.content for _ in range(2)]
     assert answers[0] == answers[1]
-    assert metric(shipped_server.url, "llada_image_cache_total", result="hit") == hits + 1
-    assert metric(shipped_server.url, "llada_requests_total", outcome="completed") == completed + 2
-    assert metric(shipped_server.url, "llada_step_seconds_count") > 0
-    assert metric(shipped_server.url, "llada_completion_tokens_total") > 0
-    assert metric(shipped_server.url, "llada_queue_depth") == 0
+    assert metric(shipped_server, "llada_image_cache_total", result="hit") == hits + 1
+    assert metric(shipped_server, "llada_requests_total", outcome="completed") == completed + 2
+    assert metric(shipped_server, "llada_step_seconds_count") > 0
+    assert metric(shipped_server, "llada_completion_tokens_total") > 0
+    assert metric(shipped_server, "llada_queue_depth") == 0
 
 
 def test_local_images_only_inside_the_allowed_folder(shipped_server, local_dir, tmp_path):
@@ -209,12 +195,6 @@ def test_local_images_only_inside_the_allowed_folder(shipped_server, local_dir, 
 
 
 # ---- bad input --------------------------------------------------------------------------------------------------
-
-def post(server, body, **kwargs):
-    content = json.dumps(body) if isinstance(body, (dict, list)) else body  # bytes, text or an iterator (chunked)
-    return httpx.post(f"{server.url}/v1/chat/completions", content=content, timeout=60,
-                      headers={"content-type": "application/json"}, **kwargs)
-
 
 def png_bytes(img: Image.Image) -> bytes:
     buffer = io.BytesIO()
@@ -293,7 +273,7 @@ def test_full_queue_503_and_cancelled_stream_frees_its_row(no_eot_model_dir):
             assert next(lines).startswith("data: ")  # it holds the one row now
             with ThreadPoolExecutor(1) as pool:
                 queued = pool.submit(post, server, {**LONG, "max_tokens": 8, "steps": 8})  # takes the one place
-                wait_until(lambda: metric(server.url, "llada_queue_depth") == 1)
+                wait_until(lambda: metric(server, "llada_queue_depth") == 1)
                 refused = post(server, LONG)
                 assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
                 assert refused.json()["error"]["code"] == "queue_full"
@@ -301,19 +281,19 @@ def test_full_queue_503_and_cancelled_stream_frees_its_row(no_eot_model_dir):
                 # Closing the stream closes the connection: the row is freed and the queued request runs.
                 running.close()
                 assert queued.result().status_code == 200
-        wait_until(lambda: metric(server.url, "llada_requests_total", outcome="cancelled") == 1)
-        assert metric(server.url, "llada_requests_total", outcome="rejected") == 1
-        assert metric(server.url, "llada_batch_rows") == 0
+        wait_until(lambda: metric(server, "llada_requests_total", outcome="cancelled") == 1)
+        assert metric(server, "llada_requests_total", outcome="rejected") == 1
+        assert metric(server, "llada_batch_rows") == 0
     finally:
         server.stop()
 
 
 def test_a_plain_request_whose_client_leaves_frees_its_row(long_server):
-    cancelled = metric(long_server.url, "llada_requests_total", outcome="cancelled")
+    cancelled = metric(long_server, "llada_requests_total", outcome="cancelled")
     with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
         httpx.post(f"{long_server.url}/v1/chat/completions", json=LONG, timeout=httpx.Timeout(60, read=2))
-    wait_until(lambda: metric(long_server.url, "llada_requests_total", outcome="cancelled") == cancelled + 1)
-    wait_until(lambda: metric(long_server.url, "llada_batch_rows") == 0)
+    wait_until(lambda: metric(long_server, "llada_requests_total", outcome="cancelled") == cancelled + 1)
+    wait_until(lambda: metric(long_server, "llada_batch_rows") == 0)
 
 
 def test_sigterm_finishes_running_requests_then_exits(no_eot_model_dir):
@@ -331,15 +311,6 @@ def test_sigterm_finishes_running_requests_then_exits(no_eot_model_dir):
     assert "Application shutdown complete" in server.output()
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{server.url}/health", timeout=2)
-
-
-def wait_until(condition, timeout: float = 30.0) -> None:
-    done = threading.Event()
-    for _ in range(int(timeout / 0.1)):
-        if condition():
-            return
-        done.wait(0.1)
-    raise AssertionError("condition not met in time")
 
 
 # ---- start-up (in process) -----------------------------------------------------------------------------------------

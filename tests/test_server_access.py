@@ -8,13 +8,14 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 from openai import OpenAI
-from prometheus_client.parser import text_string_to_metric_families
 
 import llada_v
 from benchmarks.server_process import ServerProcess, user_message
 from runtime.serving.auth import api_keys
 from runtime.serving.cli import allowed_hosts, is_loopback
-from runtime.serving.app import ServerSettings, create_app
+from runtime.serving.app import create_app
+from runtime.serving.settings import ServerSettings
+from server_checks import metric
 
 ORIGIN = "https://app.example.com"
 
@@ -33,11 +34,8 @@ def bearer(key: str) -> dict:
 
 def engine_work(server) -> float:
     """Requests by any outcome and denoiser calls so far."""
-    total = 0.0
-    for family in text_string_to_metric_families(httpx.get(f"{server.url}/metrics", headers=bearer("key-one")).text):
-        if family.name in ("llada_requests", "llada_denoiser_calls"):
-            total += sum(sample.value for sample in family.samples if sample.name.endswith("_total"))
-    return total
+    names = ("llada_requests_total", "llada_denoiser_calls_total")
+    return sum(metric(server, name, headers=bearer("key-one")) for name in names)
 
 
 def test_every_v1_path_needs_one_of_the_keys(keyed_server):

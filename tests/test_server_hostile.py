@@ -14,9 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from PIL import Image, ImageDraw
-from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.server_process import ServerProcess, data_url, user_message
+from server_checks import metric, post, wait_until
 
 MEMORY_LIMIT = 3 * 2**30  # the server idles at ~1.5 GB of address space; the probe took 4.3-30 GB with some of these
 FD_LIMIT = 400
@@ -43,11 +43,6 @@ def guarded(no_eot_model_dir, local_dir):
     server.stop()
 
 
-def post(server, body, path="/v1/chat/completions", **kwargs):
-    return httpx.post(f"{server.url}{path}", content=json.dumps(body), timeout=60,
-                      headers={"content-type": "application/json", **kwargs.pop("headers", {})}, **kwargs)
-
-
 def png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -59,26 +54,11 @@ def image_message(question: str, *pngs: bytes) -> list[dict]:
         {"type": "image_url", "image_url": {"url": data_url(Image.open(io.BytesIO(data)))}} for data in pngs)]}]
 
 
-def metric(server, name: str, **labels) -> float:
-    for family in text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    raise KeyError(name)
-
-
 def error_of(reply, status: int, code: str) -> dict:
     assert reply.status_code == status, reply.text
     error = reply.json()["error"]
     assert error["code"] == code, error
     return error
-
-
-def wait_until(condition, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 def healthy(server) -> bool:
